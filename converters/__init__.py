@@ -1,0 +1,1 @@
+"""edgekit host side: convert, validate, package, push and monitor."""

@@ -1,0 +1,1 @@
+"""The device profiles shipped with edgekit (TOML files in this folder, read by edge_agent.profiles)."""

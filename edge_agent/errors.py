@@ -1,0 +1,96 @@
+"""The project's own errors.
+
+Every error carries a message (what was wrong, and where) and a hint (what to do). Third-party
+exceptions are wrapped (``raise BundleError(...) from e``) so a user never sees a bare traceback from
+onnxruntime, tarfile or cryptography.
+
+Exit codes of both CLIs follow the class: ``exit_code = 2`` for bad usage or bad input (the user can fix
+the call), ``1`` for a failure of the work itself.
+"""
+
+from __future__ import annotations
+
+
+class EdgekitError(Exception):
+    """Base of every error edgekit raises on purpose."""
+
+    exit_code = 1
+
+    def __init__(self, message: str, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def __str__(self) -> str:
+        if self.hint:
+            return f"{self.message}\n  hint: {self.hint}"
+        return self.message
+
+    def to_dict(self) -> dict[str, str | None]:
+        return {"error": type(self).__name__, "message": self.message, "hint": self.hint}
+
+
+class InputError(EdgekitError):
+    """Bad input the user can fix: a missing file, a wrong argument, a malformed source."""
+
+    exit_code = 2
+
+
+class ProfileError(InputError):
+    """A device profile is missing, unknown, or does not validate."""
+
+
+class BundleError(InputError):
+    """A bundle is malformed, tampered with, unsigned, or signed with another key.
+
+    ``reason`` is a short stable code for scripts and events: malformed, schema, truncated, tampered,
+    unsigned, wrong_key, unsafe_path, link_member, device_member, too_large, missing_member,
+    extra_member, not_found.
+    """
+
+    def __init__(self, message: str, hint: str | None = None, reason: str = "malformed") -> None:
+        super().__init__(message, hint)
+        self.reason = reason
+
+    def to_dict(self) -> dict[str, str | None]:
+        return {**super().to_dict(), "reason": self.reason}
+
+
+class KeyFileError(InputError):
+    """A signing or verifying key is missing, malformed, or has unsafe permissions."""
+
+
+class ModelError(InputError):
+    """A model file cannot be read or run (not a model, unsupported opset, unknown op)."""
+
+
+class CalibrationError(InputError):
+    """A calibration or validation source is empty, unreadable, or of the wrong shape."""
+
+
+class SourceError(InputError):
+    """An inference input source cannot be opened or gives data of the wrong shape."""
+
+
+class MissingDependencyError(InputError):
+    """An optional package is not installed; the hint names the extra to install."""
+
+
+class BackendError(EdgekitError):
+    """A runtime could not be created or failed while running."""
+
+
+class ConversionError(EdgekitError):
+    """A conversion or quantization step failed."""
+
+
+class TelemetryError(EdgekitError):
+    """Telemetry could not be built or delivered."""
+
+
+def missing_extra(package: str, extra: str, what: str) -> MissingDependencyError:
+    """The error for an optional package that is not installed."""
+    return MissingDependencyError(
+        f"{what} needs the Python package '{package}', which is not installed",
+        hint=f"pip install 'edgekit[{extra}]'",
+    )
