@@ -1,0 +1,153 @@
+"""fp32 vs quantized comparison on held-out validation samples, on this host.
+
+Figures: file sizes, per-output agreement and errors, accuracy when the samples carry labels, and latency
+with onnxruntime on the host CPU. Latency is measured with both models interleaved in alternating blocks
+(after a warm-up that is not counted), so machine noise hits both alike. The figures are reported as
+measured: int8 is not assumed to be faster (on tiny models it often is slower), and host latency is not
+device latency.
+"""
+
+from __future__ import annotations
+
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from converters.calibration import Samples
+from converters.onnx_int8 import session
+from edge_agent.errors import ConversionError
+from edge_agent.stats import latency_summary_ms, ratio
+
+BLOCK = 20  # inferences per model per block of the interleaved latency run
+
+
+def host_cpu(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
+    """The CPU model name from /proc/cpuinfo, else what the platform module says."""
+    try:
+        for line in cpuinfo.read_text(errors="replace").splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() in ("model name", "Model", "Hardware") and value.strip():
+                return value.strip()
+    except OSError:
+        pass  # not Linux or not readable: fall back to the platform module's answer below
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def _outputs(sess: Any, input_name: str, arrays: np.ndarray, which: str) -> list[np.ndarray]:
+    """Run every sample; returns one (N, *output shape) array per output."""
+    per_sample = []
+    for i, x in enumerate(arrays):
+        try:
+            per_sample.append(sess.run(None, {input_name: x}))
+        except Exception as e:  # onnxruntime's own exception classes
+            raise ConversionError(f"the {which} model failed on validation sample {i} (step: validate): "
+                                  f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}",
+                                  hint="check the validation samples' shape and range") from e
+    return [np.stack([np.asarray(s[k], dtype=np.float32) for s in per_sample])
+            for k in range(len(per_sample[0]))]
+
+
+def _is_class_vector(per_sample_shape: tuple[int, ...]) -> bool:
+    """argmax makes sense for a vector of scores: every axis but the last is 1, the last is > 1."""
+    return bool(per_sample_shape) and per_sample_shape[-1] > 1 and all(d == 1 for d in per_sample_shape[:-1])
+
+
+def compare_outputs(fp32: list[np.ndarray], quant: list[np.ndarray], names: list[str]) -> dict[str, dict]:
+    """Per output: top1_agreement (score vectors only, else None), max/mean absolute error, fp32 range."""
+    result: dict[str, dict] = {}
+    for name, a, b in zip(names, fp32, quant, strict=True):
+        diff = np.abs(a.astype(np.float64) - b.astype(np.float64))
+        agreement = None
+        if _is_class_vector(a.shape[1:]):
+            agreement = float(np.mean(a.reshape(len(a), -1).argmax(-1) == b.reshape(len(b), -1).argmax(-1)))
+        result[name] = {
+            "top1_agreement": agreement,
+            "max_abs_error": float(diff.max()) if diff.size else 0.0,
+            "mean_abs_error": float(diff.mean()) if diff.size else 0.0,
+            "fp32_abs_max": float(np.abs(a).max()) if a.size else 0.0,
+        }
+    return result
+
+
+def _accuracy(scores: np.ndarray, labels: np.ndarray) -> float:
+    return float(np.mean(scores.reshape(len(scores), -1).argmax(-1) == labels))
+
+
+def interleaved_latency(sessions: list[Any], input_name: str, arrays: np.ndarray, warmup: int,
+                        runs: int) -> list[list[int]]:
+    """Latency samples (ns) per session, run in alternating blocks; warm-up runs are not recorded.
+
+    The order of the sessions flips every block so neither always runs right after the other.
+    """
+    feeds = [{input_name: x} for x in arrays]
+    for sess in sessions:
+        for i in range(warmup):
+            sess.run(None, feeds[i % len(feeds)])
+    samples: list[list[int]] = [[] for _ in sessions]
+    done = 0
+    block_no = 0
+    while done < runs:
+        size = min(BLOCK, runs - done)
+        order = list(range(len(sessions)))
+        if block_no % 2:
+            order.reverse()
+        for k in order:
+            sess, out = sessions[k], samples[k]
+            for j in range(size):
+                feed = feeds[(done + j) % len(feeds)]
+                t0 = time.perf_counter_ns()
+                sess.run(None, feed)
+                out.append(time.perf_counter_ns() - t0)
+        done += size
+        block_no += 1
+    return samples
+
+
+def compare_onnx(fp32: Path, quant: Path, val: Samples, threads: int, warmup: int = 10,
+                 runs: int = 200) -> dict:
+    """fp32 vs quantized on the validation samples: sizes, agreement, errors, accuracy, host latency."""
+    import onnxruntime
+
+    fp32, quant = Path(fp32), Path(quant)
+    if len(val) == 0:
+        raise ConversionError("no validation samples (step: validate)", hint="give more calibration samples")
+    try:
+        s_fp32 = session(fp32, threads)
+        s_quant = session(quant, threads)
+    except Exception as e:  # onnxruntime's own exception classes
+        raise ConversionError(f"cannot load the models for validation (step: validate): {e}") from e
+    input_name = s_fp32.get_inputs()[0].name
+    names = [o.name for o in s_fp32.get_outputs()]
+    out_fp32 = _outputs(s_fp32, input_name, val.arrays, "fp32")
+    out_quant = _outputs(s_quant, input_name, val.arrays, "quantized")
+    per_output = compare_outputs(out_fp32, out_quant, names)
+    result: dict[str, Any] = {
+        "fp32_size_bytes": fp32.stat().st_size,
+        "quant_size_bytes": quant.stat().st_size,
+        "size_ratio": ratio(quant.stat().st_size, fp32.stat().st_size),
+        "samples": len(val),
+        "outputs": per_output,
+        "accuracy_fp32": None,
+        "accuracy_quant": None,
+    }
+    first = out_fp32[0]
+    if val.labels is not None and _is_class_vector(first.shape[1:]):
+        result["accuracy_fp32"] = _accuracy(out_fp32[0], val.labels)
+        result["accuracy_quant"] = _accuracy(out_quant[0], val.labels)
+        result["accuracy_output"] = names[0]
+    lat_fp32, lat_quant = interleaved_latency([s_fp32, s_quant], input_name, val.arrays, warmup, runs)
+    sum_fp32, sum_quant = latency_summary_ms(lat_fp32), latency_summary_ms(lat_quant)
+    p50_fp32, p50_quant = sum_fp32["p50"], sum_quant["p50"]
+    result.update({
+        "fp32_p50_ms": p50_fp32,
+        "quant_p50_ms": p50_quant,
+        "speedup": ratio(p50_fp32, p50_quant) if p50_fp32 is not None and p50_quant is not None else None,
+        "latency": {"fp32": sum_fp32, "quant": sum_quant, "runs": runs, "warmup": warmup, "block": BLOCK,
+                    "note": "measured on the host that converted the model, not on the device"},
+        "host": {"cpu": host_cpu(), "threads": threads, "onnxruntime": onnxruntime.__version__,
+                 "machine": platform.machine()},
+    })
+    return result
