@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Set up edgekit on a fresh Debian machine (bookworm, Python 3.11): the Debian packages the tests and
+# the demo need, then a virtual environment in .venv with edgekit and every extra installed.
+# Safe to run again: it installs only what is missing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+
+apt_pkgs=()
+command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || apt_pkgs+=(mosquitto)
+"$PY" -c "import ensurepip, venv" >/dev/null 2>&1 || apt_pkgs+=(python3-venv)
+if [ ${#apt_pkgs[@]} -gt 0 ]; then
+  if [ "$(id -u)" = 0 ]; then sudo=""; elif command -v sudo >/dev/null 2>&1; then sudo="sudo"; else
+    echo "setup: need root (or sudo) to install the Debian packages: ${apt_pkgs[*]}" >&2; exit 1
+  fi
+  echo "setup: installing Debian packages: ${apt_pkgs[*]}"
+  $sudo apt-get update -q
+  $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${apt_pkgs[@]}"
+  # Debian enables and starts the packaged broker; edgekit's tests start their own on a free port.
+fi
+
+if [ ! -x .venv/bin/python ]; then
+  echo "setup: creating .venv with $("$PY" --version)"
+  "$PY" -m venv .venv
+fi
+.venv/bin/python -m pip install -q --disable-pip-version-check --upgrade pip
+echo "setup: installing edgekit[all,dev] into .venv (the first time downloads ~600 MB)"
+.venv/bin/python -m pip install -q --disable-pip-version-check -e ".[all,dev]"
+.venv/bin/python -m pip check
