@@ -44,8 +44,8 @@ class BundleError(InputError):
     """A bundle is malformed, tampered with, unsigned, or signed with another key.
 
     ``reason`` is a short stable code for scripts and events: malformed, schema, truncated, tampered,
-    unsigned, wrong_key, unsafe_path, link_member, device_member, too_large, missing_member,
-    extra_member, not_found.
+    unsigned, bad_signature, unsafe_path, link_member, device_member, too_large, missing_member,
+    extra_member, not_found, dest_exists, io_error. docs/bundle.md says what each one means.
     """
 
     def __init__(self, message: str, hint: str | None = None, reason: str = "malformed") -> None:

@@ -7,6 +7,7 @@ See docs/bundle.md for the field-by-field description.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -83,7 +84,7 @@ def _need(data: dict, key: str, typ: type | tuple[type, ...], where: str = "mani
 
 def check_member_name(name: str) -> str:
     """A safe, relative member name: no absolute path, no '..', no odd characters."""
-    if not isinstance(name, str) or not _MEMBER.match(name) or ".." in name.split("/"):
+    if not isinstance(name, str) or not _MEMBER.fullmatch(name) or ".." in name.split("/"):
         raise BundleError(f"unsafe member name {name!r} in bundle", reason="unsafe_path",
                           hint="the bundle was not made by edgekit or was tampered with; do not use it")
     return name
@@ -101,11 +102,18 @@ def _tensor(d: Any, where: str) -> TensorSpec:
         raise BundleError(f"{where}.dtype: {dtype!r} is not one of {', '.join(DTYPES)}", reason="malformed")
     scale = d.get("scale")
     zp = d.get("zero_point")
-    if scale is not None and not isinstance(scale, (int, float)):
-        raise BundleError(f"{where}.scale: expected a number", reason="malformed")
+    if scale is not None:
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+            raise BundleError(f"{where}.scale: expected a number", reason="malformed")
+        try:
+            scale = float(scale)
+        except OverflowError as e:  # a JSON integer beyond the float range
+            raise BundleError(f"{where}.scale: out of the float range", reason="malformed") from e
+        if not math.isfinite(scale):
+            raise BundleError(f"{where}.scale: expected a finite number, got {scale!r}", reason="malformed")
     if zp is not None and (not isinstance(zp, int) or isinstance(zp, bool)):
         raise BundleError(f"{where}.zero_point: expected an integer", reason="malformed")
-    return TensorSpec(name, tuple(shape), dtype, None if scale is None else float(scale), zp)
+    return TensorSpec(name, tuple(shape), dtype, scale, zp)
 
 
 def parse_manifest(data: Any) -> Manifest:
@@ -113,14 +121,14 @@ def parse_manifest(data: Any) -> Manifest:
     if not isinstance(data, dict):
         raise BundleError("manifest.json is not a JSON object", reason="malformed")
     schema = data.get("schema")
-    if schema != MANIFEST_SCHEMA:
+    if type(schema) is not int or schema != MANIFEST_SCHEMA:  # not True, not 1.0
         raise BundleError(
             f"manifest schema version {schema!r} is not supported (this agent reads {MANIFEST_SCHEMA})",
             hint="upgrade edge-agent on the device, or build the bundle with a matching edgekit",
             reason="schema",
         )
     version = _need(data, "version", str)
-    if not _SEMVER.match(version):
+    if not _SEMVER.fullmatch(version):
         raise BundleError(f"manifest.version {version!r} is not a semantic version (e.g. 1.2.0)",
                           reason="malformed")
     files_raw = _need(data, "files", dict)
@@ -133,9 +141,15 @@ def parse_manifest(data: Any) -> Manifest:
             raise BundleError(f"manifest.files[{member!r}]: expected an object", reason="malformed")
         sha = _need(entry, "sha256", str, f"manifest.files[{member!r}]")
         size = _need(entry, "size", int, f"manifest.files[{member!r}]")
-        if not _SHA256.match(sha) or size < 0:
+        if not _SHA256.fullmatch(sha) or size < 0:
             raise BundleError(f"manifest.files[{member!r}]: bad sha256 or size", reason="malformed")
         files[member] = FileEntry(sha, size)
+    for member in files:  # "a" and "a/b" cannot both be files when the bundle is unpacked
+        parts = member.split("/")
+        clash = next((p for p in ("/".join(parts[:i]) for i in range(1, len(parts))) if p in files), None)
+        if clash is not None:
+            raise BundleError(f"manifest.files lists {clash!r} as a file and {member!r} inside it",
+                              reason="malformed")
     model = check_member_name(_need(data, "model", str))
     if model not in files:
         raise BundleError(f"manifest.model {model!r} is not listed in manifest.files", reason="malformed")
@@ -162,6 +176,9 @@ def parse_manifest(data: Any) -> Manifest:
     pre = data.get("preprocessing")
     if pre is not None and not isinstance(pre, dict):
         raise BundleError("manifest.preprocessing: expected an object or null", reason="malformed")
+    for key in ("quantization", "validation"):
+        if data.get(key) is not None and not isinstance(data[key], dict):
+            raise BundleError(f"manifest.{key}: expected an object or null", reason="malformed")
     return Manifest(
         name=_need(data, "name", str),
         version=version,

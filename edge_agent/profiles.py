@@ -288,11 +288,14 @@ def builtin_profiles_dir() -> Path:
 
 def search_dirs(profiles_dir: str | os.PathLike | None = None) -> list[Path]:
     dirs: list[Path] = []
-    if profiles_dir:
-        dirs.append(Path(profiles_dir))
-    env = os.environ.get(PROFILES_ENV)
-    if env:
-        dirs.append(Path(env))
+    for where, value in (("--profiles-dir", profiles_dir), (f"${PROFILES_ENV}", os.environ.get(PROFILES_ENV))):
+        if not value:
+            continue
+        d = Path(value)
+        if not d.is_dir():
+            raise ProfileError(f"{where} {d} is not a folder",
+                               hint="point it at a folder holding <name>.toml profile files")
+        dirs.append(d)
     dirs.append(builtin_profiles_dir())
     return dirs
 
