@@ -258,8 +258,8 @@ def test_missing_profiles_dir_is_an_error_not_skipped(tmp_path, monkeypatch):
     from edge_agent.errors import ProfileError
     from edge_agent.profiles import load_profile
 
-    with pytest.raises(ProfileError, match="--profiles-dir .* is not a folder"):
+    with pytest.raises(ProfileError, match=r"--profiles-dir .* is not a folder"):
         load_profile("rpi5", tmp_path / "absent")
     monkeypatch.setenv("EDGEKIT_PROFILES_DIR", str(tmp_path / "absent-too"))
-    with pytest.raises(ProfileError, match="EDGEKIT_PROFILES_DIR .* is not a folder"):
+    with pytest.raises(ProfileError, match=r"EDGEKIT_PROFILES_DIR .* is not a folder"):
         load_profile("rpi5")
