@@ -1,0 +1,287 @@
+"""The agent's run loop: verify the bundle, open the backend and the source, infer, report windows.
+
+The timing core (``timed_loop``) is shared with ``edge-agent bench`` so the benchmark measures exactly
+what the agent does. Per inference it costs two ``perf_counter_ns`` calls and one append to an
+``array('q')``; the window deadline is checked with the clock value already taken. Everything else (the
+stop flag, window summaries, telemetry) happens between slices of at most ``SLICE_S`` seconds.
+
+Signals: the CLI installs SIGTERM/SIGINT handlers that set ``stop``; the loop finishes the current
+inference, emits the last partial window, publishes the retained ``offline`` status and returns.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import resource
+import socket
+import tempfile
+import threading
+import time
+from array import array
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edge_agent import __version__
+from edge_agent.backends import Backend, create_backend
+from edge_agent.errors import InputError, KeyFileError
+from edge_agent.manifest import Manifest
+from edge_agent.sources import Source, open_source
+from edge_agent.telemetry import TelemetrySink
+from edge_agent.telemetry.mqtt import MqttPublisher, check_topic_part
+from edge_agent.telemetry.schema import build_window
+from edge_agent.thermal import THERMAL_ROOT, ThermalReader
+
+log = logging.getLogger(__name__)
+
+DEFAULT_KEY_PATHS: tuple[Path, ...] = (
+    Path("/etc/edge-agent/trusted.pub"),
+    Path("~/.config/edgekit/keys/edgekit-signing.pub"),
+)
+SLICE_S = 0.1  # longest stretch of inferences between two looks at the stop flag
+RUN_WARMUP = 10  # inferences run (and not counted) before the first window
+SEQ_FILE = "seq"
+_NEVER = 1 << 62
+
+
+# --------------------------------------------------------------------------------------------------
+# the timing core (shared with benchmark.py)
+
+
+def timed_loop(run: Callable[[Sequence[np.ndarray]], Any], next_feeds: Callable[[], list[np.ndarray]],
+               lat_buf: array, deadline_ns: int, max_count: int) -> tuple[int, int]:
+    """Run inferences until ``deadline_ns`` (perf_counter_ns) or ``max_count``; append each latency (ns).
+
+    Only ``run`` is timed; fetching the next input is not. The deadline is checked before each
+    inference with the clock value taken after the previous one, so the last inference may end after
+    it. Returns (inferences run, perf_counter_ns at the end).
+    """
+    clock = time.perf_counter_ns
+    append = lat_buf.append
+    n = 0
+    now = clock()
+    while now < deadline_ns and n < max_count:
+        feeds = next_feeds()
+        t0 = clock()
+        run(feeds)
+        now = clock()
+        append(now - t0)
+        n += 1
+    return n, now
+
+
+# --------------------------------------------------------------------------------------------------
+# shared setup
+
+
+def resolve_pubkey(pubkey: str | os.PathLike | None,
+                   candidates: Sequence[Path] = DEFAULT_KEY_PATHS) -> Path:
+    """The public key to verify bundles with: ``--pubkey``, else the first existing default location."""
+    if pubkey is not None:
+        path = Path(pubkey).expanduser()
+        if not path.is_file():
+            raise KeyFileError(f"public key {path} does not exist",
+                               hint="pass the host's signing key (edgekit-signing.pub) with --pubkey")
+        return path
+    for c in candidates:
+        path = c.expanduser()
+        if path.is_file():
+            return path
+    where = ", ".join(str(c) for c in candidates)
+    raise KeyFileError(f"no public key to verify the bundle with (looked in {where})",
+                       hint="pass --pubkey PATH (the host's edgekit-signing.pub), or install it as "
+                            f"{candidates[0] if candidates else '/etc/edge-agent/trusted.pub'}; "
+                            "the agent never runs an unverified bundle")
+
+
+@dataclass
+class Session:
+    """A verified bundle, its backend and its input source, ready to run."""
+
+    manifest: Manifest
+    signer: str
+    backend: Backend
+    source: Source
+    init_ms: float
+
+    @property
+    def model_ref(self) -> dict[str, Any]:
+        m = self.manifest
+        return {"name": m.name, "version": m.version, "sha256": m.files[m.model].sha256}
+
+
+@contextlib.contextmanager
+def open_session(bundle_path: str | os.PathLike, pubkey: str | os.PathLike | None, *, source: str,
+                 threads: int | None = None) -> Iterator[Session]:
+    """Verify and unpack the bundle to a temporary folder, create the backend, open the source."""
+    from edge_agent.bundle import unpack_bundle
+
+    key = resolve_pubkey(pubkey)
+    with tempfile.TemporaryDirectory(prefix="edge-agent-") as tmp:
+        unpacked = unpack_bundle(Path(bundle_path), Path(tmp) / "bundle", key)
+        manifest = unpacked.manifest
+        t0 = time.perf_counter_ns()
+        backend = create_backend(manifest, unpacked.model_path, threads=threads)
+        init_ms = (time.perf_counter_ns() - t0) / 1e6
+        try:
+            src = open_source(source, backend.inputs, manifest.preprocessing)
+            try:
+                yield Session(manifest, unpacked.signer, backend, src, init_ms)
+            finally:
+                src.close()
+        finally:
+            backend.close()
+
+
+# --------------------------------------------------------------------------------------------------
+# process figures
+
+
+def cpu_seconds() -> float:
+    t = os.times()
+    return t.user + t.system
+
+
+def rss_mb(statm: Path = Path("/proc/self/statm")) -> float:
+    """Resident memory now (MiB) from /proc; where there is no /proc, the peak from getrusage."""
+    try:
+        pages = int(statm.read_text().split()[1])
+        return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (OSError, ValueError, IndexError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+# --------------------------------------------------------------------------------------------------
+# sequence numbers that survive restarts
+
+
+def load_seq(state_dir: Path | None) -> int:
+    """The next window's seq: 0, or what ``<state_dir>/seq`` says."""
+    if state_dir is None:
+        return 0
+    path = Path(state_dir) / SEQ_FILE
+    try:
+        text = path.read_text().strip()
+    except FileNotFoundError:
+        return 0
+    except OSError as e:
+        raise InputError(f"cannot read {path}: {e.strerror}", hint="check the --state-dir permissions") from e
+    if not text.isdigit():
+        raise InputError(f"{path} does not hold a sequence number ({text[:40]!r})",
+                         hint="delete the file to restart the numbering at 0")
+    return int(text)
+
+
+def save_seq(state_dir: Path, next_seq: int) -> None:
+    """Write the next seq atomically (temp file + os.replace)."""
+    path = Path(state_dir) / SEQ_FILE
+    tmp = path.with_name(f".{SEQ_FILE}.{os.getpid()}.tmp")
+    with open(tmp, "w") as f:
+        f.write(f"{next_seq}\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------------------------------
+# the agent
+
+
+def _summary(w: dict[str, Any]) -> str:
+    lat = w["latency_ms"]
+    fmt = (lambda v: "-" if v is None else f"{v:.3f}")  # noqa: E731
+    temp = "-" if w["temp_c"] is None else f"{w['temp_c']:.1f}C"
+    deg = " DEGRADED" if w["degraded"] else ""
+    return (f"seq={w['seq']} count={w['count']} fps={w['fps'] or 0:.1f} p50={fmt(lat['p50'])}ms "
+            f"p99={fmt(lat['p99'])}ms max={fmt(lat['max'])}ms cpu={w['cpu_pct']}% rss={w['rss_mb']}MB "
+            f"temp={temp}{deg}")
+
+
+def run_agent(bundle_path: str | os.PathLike, pubkey: str | os.PathLike | None, *, source: str = "synthetic",
+              duration: float | None = None, window_s: float = 10.0, mqtt: tuple[str, int] | None = None,
+              device_id: str | None = None, state_dir: str | os.PathLike | None = None,
+              threads: int | None = None, on_window: Callable[[dict[str, Any]], None] | None = None,
+              stop: threading.Event | None = None, sink: TelemetrySink | None = None,
+              thermal_root: Path = THERMAL_ROOT, topic_prefix: str = "edgekit") -> int:
+    """Run the bundle until ``duration`` seconds pass or ``stop`` is set; return the windows emitted.
+
+    Windows go to ``on_window`` (the CLI prints them), to the log, and to MQTT when ``mqtt`` is
+    (host, port) (or to ``sink`` when one is given; it is closed on return). Without either the agent
+    runs fully offline.
+    """
+    if window_s <= 0:
+        raise InputError(f"the window must be longer than 0 s, got {window_s}")
+    if duration is not None and duration <= 0:
+        raise InputError(f"the duration must be longer than 0 s, got {duration}")
+    device = device_id or socket.gethostname()
+    if mqtt is not None:
+        check_topic_part(device, "device id")
+        check_topic_part(topic_prefix, "topic prefix")
+    stop = stop or threading.Event()
+    state = Path(state_dir) if state_dir is not None else None
+    if state is not None:
+        try:
+            state.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise InputError(f"cannot create the state folder {state}: {e.strerror}") from e
+    seq = load_seq(state)
+    thermal = ThermalReader(thermal_root)
+    emitted = 0
+    with open_session(bundle_path, pubkey, source=source, threads=threads) as sess:
+        info = sess.backend.info()
+        if info["degraded"]:
+            log.warning("running degraded: %s", info["degraded_reason"])
+        run, next_feeds = sess.backend.run, sess.source.next
+        try:
+            timed_loop(run, next_feeds, array("q"), _NEVER, RUN_WARMUP)  # warm-up: never counted
+            if sink is None and mqtt is not None:
+                birth = {"agent_version": __version__, "model": sess.model_ref,
+                         "profile": sess.manifest.profile, "engine": info["engine"],
+                         "providers": info["providers"], "degraded": info["degraded"],
+                         "degraded_reason": info["degraded_reason"]}
+                sink = MqttPublisher(mqtt[0], mqtt[1], device, prefix=topic_prefix, birth=birth)
+            if stop.is_set():  # stopped while loading: nothing ran, no window to report
+                log.info("stopped before the first window")
+                return 0
+            # from here on at least one window (possibly partial, even empty) is emitted
+            log.info("running %s %s (profile %s) on %s with %s; source %s; windows of %g s; telemetry %s",
+                     sess.manifest.name, sess.manifest.version, sess.manifest.profile, info["engine"],
+                     ", ".join(info["providers"]), source, window_s,
+                     f"mqtt://{mqtt[0]}:{mqtt[1]}" if mqtt else ("custom sink" if sink else "offline"))
+            window_ns = int(window_s * 1e9)
+            slice_ns = int(SLICE_S * 1e9)
+            clock = time.perf_counter_ns
+            run_end = clock() + int(duration * 1e9) if duration is not None else _NEVER
+            finished = False
+            while not finished:
+                lat = array("q")
+                ts_start, cpu0, start = time.time(), cpu_seconds(), clock()
+                win_end = min(start + window_ns, run_end)
+                now = start
+                while now < win_end and not stop.is_set():
+                    _, now = timed_loop(run, next_feeds, lat, min(win_end, now + slice_ns), _NEVER)
+                ts_end, cpu1 = time.time(), cpu_seconds()
+                finished = stop.is_set() or now >= run_end  # the last window may be partial, even empty
+                window = build_window(
+                    device=device, seq=seq, ts_start=ts_start, ts_end=ts_end, model=sess.model_ref,
+                    backend_info=info, latencies_ns=lat, power=None, temp_c=thermal.max_c(),
+                    cpu_pct=100.0 * (cpu1 - cpu0) / max(ts_end - ts_start, 1e-9), rss_mb=rss_mb(),
+                    throttled=None, dropped=sink.dropped if sink is not None else 0)
+                seq += 1
+                emitted += 1
+                if state is not None:
+                    save_seq(state, seq)
+                log.info("window %s", _summary(window))
+                if sink is not None:
+                    sink.publish_window(window)
+                if on_window is not None:
+                    on_window(window)
+        finally:
+            if sink is not None:
+                sink.close(timeout=5.0)
+    return emitted

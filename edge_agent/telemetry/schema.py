@@ -1,0 +1,176 @@
+"""The telemetry window: one JSON object per window, schema ``edgekit.telemetry/1``.
+
+Pure functions (no clocks, no I/O): ``build_window`` turns what the loop measured into the document
+described field by field in docs/telemetry.md; ``validate_window`` lists what is wrong with a received
+one (the monitor uses it).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from edge_agent.stats import latency_summary_ms
+
+SCHEMA = "edgekit.telemetry/1"
+LATENCY_KEYS = ("p50", "p90", "p95", "p99", "max", "mean")
+FIELDS = (
+    "schema", "device", "seq", "ts_start", "ts_end", "historical", "model", "engine", "delegate",
+    "providers", "degraded", "degraded_reason", "count", "latency_ms", "fps", "power_w",
+    "energy_mj_per_inference", "temp_c", "cpu_pct", "rss_mb", "throttled", "dropped",
+)
+
+
+def _round(x: float | None, digits: int) -> float | None:
+    return None if x is None else round(float(x), digits)
+
+
+def energy_mj_per_inference(mean_w: float | None, idle_w: float | None, duration_s: float,
+                            count: int) -> float | None:
+    """Energy per inference in millijoules: (mean - idle) W × duration s / count × 1000.
+
+    ``None`` without a power reading or without inferences. With an idle baseline the figure is the
+    energy the inferences added; without one it is the board's whole energy per inference.
+    """
+    if mean_w is None or count <= 0 or duration_s <= 0:
+        return None
+    watts = mean_w - (idle_w or 0.0)
+    return watts * duration_s / count * 1000.0
+
+
+def build_window(*, device: str, seq: int, ts_start: float, ts_end: float, model: dict[str, Any],
+                 backend_info: dict[str, Any], latencies_ns: Sequence[int] | np.ndarray,
+                 power: dict[str, Any] | None, temp_c: float | None, cpu_pct: float | None,
+                 rss_mb: float | None, throttled: bool | None, dropped: int,
+                 historical: bool = False) -> dict[str, Any]:
+    """One telemetry window (see docs/telemetry.md).
+
+    ``power`` is ``None`` (no power source) or ``{"source": str, "mean_w": float | None,
+    "idle_w": float | None}``. Timestamps are UNIX seconds (UTC) as floats.
+    """
+    lat = np.asarray(latencies_ns, dtype=np.int64)  # a list, numpy array or array('q') (no copy)
+    count = int(lat.size)
+    summary = latency_summary_ms(lat)
+    duration = ts_end - ts_start
+    power = power or {}
+    mean_w = power.get("mean_w")
+    idle_w = power.get("idle_w")
+    energy = energy_mj_per_inference(mean_w, idle_w, duration, count)
+    return {
+        "schema": SCHEMA,
+        "device": device,
+        "seq": int(seq),
+        "ts_start": round(float(ts_start), 6),
+        "ts_end": round(float(ts_end), 6),
+        "historical": bool(historical),
+        "model": {"name": model.get("name"), "version": model.get("version"), "sha256": model.get("sha256")},
+        "engine": backend_info.get("engine"),
+        "delegate": backend_info.get("delegate"),
+        "providers": list(backend_info.get("providers") or []),
+        "degraded": bool(backend_info.get("degraded", False)),
+        "degraded_reason": backend_info.get("degraded_reason"),
+        "count": count,
+        "latency_ms": {k: _round(summary[k], 4) for k in LATENCY_KEYS},
+        "fps": _round(count / duration, 3) if duration > 0 else None,
+        "power_w": {"mean": _round(mean_w, 4), "idle": _round(idle_w, 4), "source": power.get("source", "none")},
+        "energy_mj_per_inference": _round(energy, 6),
+        "temp_c": _round(temp_c, 2),
+        "cpu_pct": _round(cpu_pct, 1),
+        "rss_mb": _round(rss_mb, 2),
+        "throttled": throttled,
+        "dropped": int(dropped),
+    }
+
+
+# --------------------------------------------------------------------------------------------------
+# validation
+
+
+def _is_num(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _opt_num(d: dict, key: str, problems: list[str], where: str = "") -> None:
+    if key in d and d[key] is not None and not _is_num(d[key]):
+        problems.append(f"{where}{key}: expected a number or null, got {d[key]!r}")
+
+
+def validate_window(d: Any) -> list[str]:
+    """Problems with a telemetry window (empty list: valid). Never raises."""
+    if not isinstance(d, dict):
+        return [f"window: expected a JSON object, got {type(d).__name__}"]
+    problems: list[str] = []
+    if d.get("schema") != SCHEMA:
+        problems.append(f"schema: expected {SCHEMA!r}, got {d.get('schema')!r}")
+    missing = [k for k in FIELDS if k not in d]
+    if missing:
+        problems.append(f"missing fields: {', '.join(missing)}")
+    unknown = sorted(set(d) - set(FIELDS))
+    if unknown:
+        problems.append(f"unknown fields: {', '.join(unknown)}")
+    if "device" in d and (not isinstance(d["device"], str) or not d["device"]):
+        problems.append("device: expected a non-empty string")
+    for key in ("seq", "count", "dropped"):
+        v = d.get(key)
+        if key in d and (not isinstance(v, int) or isinstance(v, bool) or v < 0):
+            problems.append(f"{key}: expected an integer >= 0, got {v!r}")
+    for key in ("ts_start", "ts_end"):
+        if key in d and not _is_num(d[key]):
+            problems.append(f"{key}: expected UNIX seconds, got {d[key]!r}")
+    if _is_num(d.get("ts_start")) and _is_num(d.get("ts_end")) and d["ts_end"] < d["ts_start"]:
+        problems.append("ts_end is before ts_start")
+    for key in ("historical", "degraded"):
+        if key in d and not isinstance(d[key], bool):
+            problems.append(f"{key}: expected true/false, got {d[key]!r}")
+    if "throttled" in d and d["throttled"] is not None and not isinstance(d["throttled"], bool):
+        problems.append(f"throttled: expected true/false/null, got {d['throttled']!r}")
+    model = d.get("model")
+    if "model" in d:
+        if not isinstance(model, dict):
+            problems.append("model: expected an object")
+        else:
+            for key in ("name", "version", "sha256"):
+                if not isinstance(model.get(key), str):
+                    problems.append(f"model.{key}: expected a string, got {model.get(key)!r}")
+    if "engine" in d and not isinstance(d["engine"], str):
+        problems.append(f"engine: expected a string, got {d['engine']!r}")
+    for key in ("delegate", "degraded_reason"):
+        if d.get(key) is not None and not isinstance(d[key], str):
+            problems.append(f"{key}: expected a string or null, got {d[key]!r}")
+    if "providers" in d and (not isinstance(d["providers"], list)
+                             or not all(isinstance(p, str) for p in d["providers"])):
+        problems.append("providers: expected a list of strings")
+    if d.get("degraded") is True and not d.get("degraded_reason"):
+        problems.append("degraded_reason: a degraded window must say why")
+    lat = d.get("latency_ms")
+    if "latency_ms" in d:
+        if not isinstance(lat, dict) or set(lat) != set(LATENCY_KEYS):
+            problems.append(f"latency_ms: expected an object with {', '.join(LATENCY_KEYS)}")
+        else:
+            count = d.get("count")
+            values = [lat[k] for k in LATENCY_KEYS]
+            if count == 0 and any(v is not None for v in values):
+                problems.append("latency_ms: a window with count 0 has null latencies")
+            elif isinstance(count, int) and count > 0:
+                if not all(_is_num(v) and v >= 0 for v in values):
+                    problems.append("latency_ms: expected numbers >= 0 when count > 0")
+                else:
+                    order = [lat[k] for k in ("p50", "p90", "p95", "p99", "max")]
+                    if any(a > b + 1e-9 for a, b in itertools.pairwise(order)):
+                        problems.append("latency_ms: expected p50 <= p90 <= p95 <= p99 <= max")
+                    if lat["mean"] > lat["max"] + 1e-9:
+                        problems.append("latency_ms: mean exceeds max")
+    for key in ("fps", "energy_mj_per_inference", "temp_c", "cpu_pct", "rss_mb"):
+        _opt_num(d, key, problems)
+    power = d.get("power_w")
+    if "power_w" in d:
+        if not isinstance(power, dict) or not isinstance(power.get("source"), str):
+            problems.append("power_w: expected an object with a string 'source'")
+        else:
+            _opt_num(power, "mean", problems, "power_w.")
+            _opt_num(power, "idle", problems, "power_w.")
+    return problems
