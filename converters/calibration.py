@@ -10,6 +10,9 @@ like the model input (batch axis of 1 kept). Accepted sources:
   (``edge_agent.preprocess.image_to_tensor``);
 * a folder of class subfolders (of images or .npy files): the labels are the subfolder names, sorted,
   mapped to 0, 1, 2, ...
+* one ``.csv`` file of numeric rows (UTF-8, a BOM and a header row are allowed): ``label_column`` (an
+  index, or a header name) holds integer class labels; the remaining columns, in order, are one sample
+  and must number exactly the input's element count (e.g. 42 for a (1, 42) input).
 
 Files are taken in sorted order. Hidden files (``.name``) are skipped. ``split`` then draws disjoint
 calibration and validation subsets with a seeded shuffle, so the same data and seed always give the same
@@ -18,6 +21,7 @@ bundle.
 
 from __future__ import annotations
 
+import csv
 import hashlib
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -31,7 +35,10 @@ from edge_agent.preprocess import Preprocessing, image_to_tensor
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
 _HINT_SOURCE = ("give a folder of .npy files or images (one subfolder per class for labels), "
-                "a .npy whose first axis counts samples, or a .npz with arrays 'x' (and 'y')")
+                "a .npy whose first axis counts samples, a .npz with arrays 'x' (and 'y'), "
+                "or a .csv of numeric rows (--label-column N|NAME for labels)")
+_HINT_CSV = ("one sample per row: numbers separated by commas, an optional header row, and the label column "
+             "named with --label-column N|NAME")
 
 
 @dataclass(frozen=True)
@@ -315,13 +322,139 @@ def _load_npz(path: Path, spec: TensorSpec, shape: tuple[int, ...]) -> Samples:
     return Samples(x, labels, text, None)
 
 
-def load_samples(source: str | Path, spec: TensorSpec, preprocessing: Preprocessing | None) -> Samples:
-    """Every sample of ``source`` as float32 (N, *input shape); see the module doc for the sources."""
+# --------------------------------------------------------------------------------------------------
+# CSV
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _read_csv_rows(path: Path) -> list[tuple[int, list[str]]]:
+    """(line number, cells) of every non-blank row; the file is UTF-8 with or without a BOM."""
+    try:
+        with path.open(encoding="utf-8-sig", newline="") as f:
+            return [(i, [c.strip() for c in row]) for i, row in enumerate(csv.reader(f), start=1)
+                    if any(c.strip() for c in row)]
+    except UnicodeDecodeError as e:
+        raise CalibrationError(f"calibration file {path} is not UTF-8 text ({e.reason} at byte {e.start})",
+                               hint="save the CSV as UTF-8") from e
+    except (OSError, csv.Error) as e:
+        raise CalibrationError(f"calibration file {path} cannot be read as CSV: {e}", hint=_HINT_CSV) from e
+
+
+def _label_index(label_column: str | int, header: list[str] | None, width: int, path: Path) -> int:
+    """The 0-based column of the labels: an index (negative counts from the end) or a header name."""
+    if isinstance(label_column, str):
+        name = label_column.strip()
+        if header is not None and name in header:
+            return header.index(name)
+        try:
+            label_column = int(name)
+        except ValueError:
+            columns = (f"its header has {', '.join(repr(h) for h in header[:12])}" if header
+                       else "it has no header row")
+            raise CalibrationError(
+                f"label column {name!r} is not a column of {path}: {columns}",
+                hint="give the label column as a 0-based index or as a name from the header row",
+            ) from None
+    if isinstance(label_column, bool) or not -width <= label_column < width:
+        raise CalibrationError(f"label column {label_column!r} is out of range for {path}, whose rows have "
+                               f"{width} columns (0..{width - 1})",
+                               hint="give the label column as a 0-based index or a header name")
+    return label_column % width
+
+
+def _load_csv(path: Path, spec: TensorSpec, shape: tuple[int, ...], label_column: str | int | None) -> Samples:
+    if any(d == -1 for d in shape):
+        raise CalibrationError(
+            f"a CSV row cannot feed the model input {spec.name!r} of shape {_fmt(shape)}: its size is not fixed",
+            hint="give .npy/.npz calibration samples instead",
+        )
+    rows = _read_csv_rows(path)
+    if not rows:
+        raise CalibrationError(f"calibration source {path} contains zero samples (the CSV file is empty); "
+                               f"{_expected_text(spec, shape)}", hint=_HINT_CSV)
+    header: list[str] | None = None
+    if not all(_is_number(c) for c in rows[0][1]):
+        header = rows[0][1]
+        rows = rows[1:]
+    if not rows:
+        raise CalibrationError(f"calibration source {path} contains zero samples (only a header row)",
+                               hint=_HINT_CSV)
+    width = len(rows[0][1]) if header is None else len(header)
+    for line, cells in rows:
+        if len(cells) != width:
+            raise CalibrationError(f"calibration file {path}, line {line}: {len(cells)} columns where the "
+                                   f"{'header' if header is not None else 'first row'} has {width}",
+                                   hint="give every row the same number of columns")
+    label_at = None if label_column is None else _label_index(label_column, header, width, path)
+    expected = int(np.prod(shape))
+    features = width - (label_at is not None)
+    if features != expected:
+        with_label = (f"{width} columns minus label column {label_at} leave {features} values"
+                      if label_at is not None else f"{width} columns (no label column) give {features} values")
+        raise CalibrationError(
+            f"calibration file {path} has {len(rows)} rows of {width} columns: {with_label} per row, but "
+            f"{_expected_text(spec, shape)}, i.e. {expected} values per row",
+            hint=("name the label column with --label-column N|NAME"
+                  if label_at is None and features == expected + 1
+                  else f"give rows of {expected} values (plus the label column, if any)"),
+        )
+    keep = [i for i in range(width) if i != label_at]
+    try:
+        table = np.array([[float(cells[i]) for i in range(width)] for _, cells in rows], dtype=np.float64)
+    except ValueError:
+        line, cells = next((ln, c) for ln, c in rows if not all(_is_number(x) for x in c))
+        bad = next(x for x in cells if not _is_number(x))
+        raise CalibrationError(f"calibration file {path}, line {line}: {bad!r} is not a number",
+                               hint="every cell except the header row must be numeric") from None
+    labels = None
+    if label_at is not None:
+        raw = table[:, label_at]
+        bad_rows = np.flatnonzero(~np.isfinite(raw) | (raw != np.round(raw)) | (raw < 0))
+        if bad_rows.size:
+            line = rows[int(bad_rows[0])][0]
+            raise CalibrationError(
+                f"calibration file {path}, line {line}: label {rows[int(bad_rows[0])][1][label_at]!r} in column "
+                f"{label_at} is not a class index (an integer >= 0)",
+                hint="store class indices 0, 1, 2, ... in the label column",
+            )
+        labels = raw.astype(np.int64)
+    x = table[:, keep].astype(np.float32).reshape(len(rows), *shape)
+    text = f"{len(rows)} rows from {path}"
+    if header is not None:
+        text += " (header row skipped)"
+    if label_at is not None:
+        name = f" {header[label_at]!r}" if header is not None else ""
+        text += f", labels from column {label_at}{name}"
+    return Samples(x, labels, text, None)
+
+
+def load_samples(source: str | Path, spec: TensorSpec, preprocessing: Preprocessing | None, *,
+                 label_column: str | int | None = None) -> Samples:
+    """Every sample of ``source`` as float32 (N, *input shape); see the module doc for the sources.
+
+    ``label_column`` (an index or a header name) names the label column of a CSV source; it is an error
+    for other sources, whose labels come from class subfolders or an .npz array ``y``.
+    """
     root = Path(source)
     shape = fixed_shape(spec)
     if not root.exists():
         raise CalibrationError(f"calibration source {root} does not exist", hint=_HINT_SOURCE)
-    if root.is_dir():
+    is_csv = root.is_file() and root.suffix.lower() == ".csv"
+    if label_column is not None and not is_csv:
+        raise CalibrationError(
+            f"a label column ({label_column!r}) applies to a .csv calibration source only; {root} is not one",
+            hint="drop --label-column: folders take labels from class subfolders, .npz files from array 'y'",
+        )
+    if is_csv:
+        samples = _load_csv(root, spec, shape, label_column)
+    elif root.is_dir():
         samples = _load_folder(root, spec, shape, preprocessing)
     elif root.suffix.lower() == ".npy":
         x = _stacked(_load_npy(root, str(root)), spec, shape, str(root))

@@ -91,9 +91,8 @@ def cmd_profiles_show(args: argparse.Namespace) -> int:
 
 
 def cmd_keys_init(args: argparse.Namespace) -> int:
-    from edge_agent.signing import fingerprint, load_public_key
-
     from converters.keys import DEFAULT_KEY_DIR, init_keys
+    from edge_agent.signing import fingerprint, load_public_key
 
     directory = Path(args.dir) if args.dir else DEFAULT_KEY_DIR
     private, public = init_keys(directory)
@@ -188,6 +187,16 @@ def _preprocessing_from_args(args: argparse.Namespace) -> Any:
     return Preprocessing(**kw)
 
 
+def _label_column(text: str | None) -> str | int | None:
+    """--label-column: an integer is a 0-based column index, anything else a header name."""
+    if text is None:
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        return text
+
+
 def _default_key() -> Path:
     from converters.keys import DEFAULT_KEY_DIR
 
@@ -213,7 +222,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
     def run(progress_cb: Any) -> Any:
         return convert(model, profile, args.calib, out_dir, key, name=args.name, version=args.version,
                        preprocessing=pre, labels=Path(args.labels) if args.labels else None,
-                       seed=args.seed, threads=args.threads, progress=progress_cb)
+                       seed=args.seed, threads=args.threads, progress=progress_cb, mode=args.mode,
+                       allow_float_ops=args.allow_float_ops, label_column=_label_column(args.label_column))
 
     if args.json or not sys.stderr.isatty():
         result = run(lambda step: print(f"[convert] {step}", file=sys.stderr))
@@ -299,11 +309,12 @@ def build_parser() -> argparse.ArgumentParser:
     bv.set_defaults(func=cmd_bundle_verify)
 
     cv = sub.add_parser("convert", help="quantize a model for a device profile and write a signed bundle")
-    cv.add_argument("model", help="the model file (.onnx)")
+    cv.add_argument("model", help="the model: .onnx for ONNX profiles; .keras/.h5/.hdf5, a SavedModel folder or a "
+                                  "float .tflite for TFLite profiles")
     cv.add_argument("--profile", required=True, help="device profile name or path to a .toml")
     profiles_dir_opt(cv)
     cv.add_argument("--calib", required=True,
-                    help="calibration data: folder of .npy files, one .npy/.npz, or a folder of images")
+                    help="calibration data: folder of .npy files, one .npy/.npz, a folder of images, or a .csv")
     cv.add_argument("--out", required=True, help="output folder for the bundle")
     cv.add_argument("--key", help="private signing key (default ~/.config/edgekit/keys/edgekit-signing.key)")
     cv.add_argument("--name", help="bundle name (default: the model file's stem)")
@@ -311,6 +322,13 @@ def build_parser() -> argparse.ArgumentParser:
     cv.add_argument("--labels", help="text file with one class name per line")
     cv.add_argument("--seed", type=int, default=0, help="seed for the calibration/validation split")
     cv.add_argument("--threads", type=int, help="threads for the host latency measurement")
+    cv.add_argument("--mode", choices=["int8", "dynamic", "fp16", "none"],
+                    help="quantization mode (default: the profile's quantization.mode)")
+    cv.add_argument("--allow-float-ops", action="store_true",
+                    help="TFLite int8: keep ops without an int8 kernel in float (listed in the report) instead "
+                         "of failing")
+    cv.add_argument("--label-column", metavar="N|NAME",
+                    help="CSV calibration source: the label column, a 0-based index or a header name")
     g = cv.add_argument_group("image preprocessing (recorded in the bundle, applied on the device)")
     g.add_argument("--size", help="HEIGHTxWIDTH the model expects")
     g.add_argument("--color", choices=["gray", "rgb", "bgr"])

@@ -3,13 +3,20 @@
 Steps (each reported through ``progress`` and timed in the report):
 inspect -> calibration -> quantize -> validate -> golden -> package.
 
+The profile's ``target.format`` picks the path: ``onnx`` (a .onnx model, onnxruntime QDQ quantization,
+``converters/onnx_int8.py``) or ``tflite`` (a .keras/.h5/.hdf5 Keras model, a SavedModel folder or a float
+.tflite; TFLite conversion with LiteRT validation, ``converters/tflite_int8.py``). A model of the other
+kind is an ``InputError`` (ONNX -> TFLite through onnx2tf is a later step).
+
 Every change made on the way (batch fixed, opset upgraded, a workaround retried, fewer samples than
 asked for) is a plain-English note in ``report.json`` and in ``ConvertResult.report``.
 
 Golden files (for the on-device smoke test): ``golden/inputs.npz`` holds one array per model input and
 ``golden/outputs.npz`` one array per output, keyed by tensor name; the first axis counts the samples, the
 rest is the tensor's shape (batch axis of 1 included). The outputs are the quantized model's, computed on
-this host; the device must match them within ``golden.atol``.
+this host; the device must match them within ``golden.atol``. For TFLite bundles both are stored in the
+model's own I/O dtype (int8/uint8 raw values for a full-integer model), so ``atol`` is then in quantized
+steps.
 """
 
 from __future__ import annotations
@@ -33,12 +40,13 @@ import numpy as np
 
 from converters.calibration import Samples, fixed_shape, load_samples, split
 from converters.onnx_int8 import convert_onnx_model, inspect_onnx, session
+from converters.tflite_int8 import source_kind
 from converters.validate import compare_onnx
 from edge_agent import __version__ as EDGEKIT_VERSION
-from edge_agent.errors import BundleError, CalibrationError, InputError
+from edge_agent.errors import BundleError, CalibrationError, InputError, ModelError
 from edge_agent.manifest import Manifest, TensorSpec, parse_manifest
 from edge_agent.preprocess import Preprocessing
-from edge_agent.profiles import Profile
+from edge_agent.profiles import QUANT_MODES, Profile, QuantizationSection
 
 GOLDEN_COUNT = 4
 REPORT_SCHEMA = 1
@@ -71,24 +79,56 @@ class _Steps:
             self.timings[name] = round(time.perf_counter() - t0, 3)
 
 
-def _check_args(model: Path, profile: Profile, name: str, version: str) -> None:
-    if profile.target.format != "onnx":
-        raise InputError(
-            f"profile {profile.name!r} targets format {profile.target.format!r}; this version of edgekit "
-            "converts ONNX models for ONNX profiles only (TFLite profiles arrive in a later version)",
-            hint="use an ONNX profile such as x86-64, jetson-nano or jetson-orin-nano",
-        )
-    if model.suffix.lower() != ".onnx":
+def _check_args(model: Path, profile: Profile, name: str, version: str) -> str:
+    """The conversion path ("onnx" or "tflite") for this model and profile, or an InputError."""
+    fmt = profile.target.format
+    if fmt == "onnx" and model.suffix.lower() != ".onnx":
         raise InputError(
             f"model {model} is not a .onnx file; profile {profile.name!r} (format {profile.target.format!r}) "
             "needs an ONNX model",
-            hint="export the model to ONNX (e.g. torch.onnx.export(..., opset_version=17))",
+            hint="export the model to ONNX (e.g. torch.onnx.export(..., opset_version=17)), or pick a TFLite "
+                 "profile (rpi4, rpi5, coral-usb, coral-devboard) for a Keras/SavedModel/.tflite model",
         )
+    if fmt == "tflite" and model.suffix.lower() == ".onnx":
+        raise InputError(
+            f"profile {profile.name!r} targets format {fmt!r} and {model} is an ONNX model; ONNX to TFLite "
+            "conversion (through onnx2tf) arrives in a later version of edgekit",
+            hint="convert the Keras/SavedModel source of the model instead; or run onnx2tf yourself in its own "
+                 "environment and convert the float .tflite it writes; or use an ONNX profile (x86-64, "
+                 "jetson-nano, jetson-orin-nano)",
+        )
+    if fmt == "tflite":
+        if not model.exists():
+            raise ModelError(f"model file {model} does not exist",
+                             hint="check the path to the .keras/.h5/.hdf5/.tflite file or SavedModel folder")
+        if source_kind(model) is None:
+            raise InputError(
+                f"model {model} is not a Keras model (.keras/.h5/.hdf5), a SavedModel folder (with "
+                f"saved_model.pb) or a .tflite; profile {profile.name!r} (format 'tflite') needs one of those",
+                hint="save the model with model.save('m.keras') or model.export(DIR)",
+            )
     if not _NAME.fullmatch(name):
         raise InputError(f"bundle name {name!r} is not a plain name",
                          hint="use letters, digits, '_', '.', '-' (pass --name)")
     if not _SEMVER.fullmatch(version):
         raise InputError(f"version {version!r} is not a semantic version", hint="e.g. 1.0.0 or 1.2.0-rc.1")
+    return fmt
+
+
+def _quantization(profile: Profile, mode: str | None, notes: list[str]) -> QuantizationSection:
+    """The profile's quantization section, with ``mode`` (from --mode) overriding its mode."""
+    q = profile.quantization
+    if mode is None or mode == q.mode:
+        return q
+    if mode not in QUANT_MODES:
+        raise InputError(f"quantization mode {mode!r} is not one of {', '.join(QUANT_MODES)}",
+                         hint="pass --mode int8, dynamic, fp16 or none")
+    io_dtype = q.io_dtype if mode == "int8" else "float32"
+    text = f"quantization mode {mode!r} (--mode) overrides the profile's {q.mode!r}"
+    if io_dtype != q.io_dtype:
+        text += f"; inputs and outputs are float32 (the profile's {q.io_dtype} I/O needs mode int8)"
+    notes.append(text)
+    return dataclasses.replace(q, mode=mode, io_dtype=io_dtype)
 
 
 def _single_float_input(model: Path, inputs: list[TensorSpec]) -> TensorSpec:
@@ -229,10 +269,9 @@ def read_bundle_manifest(path: Path) -> Manifest:
         raise BundleError(f"cannot read the manifest of {path}: {e}", reason="malformed") from e
 
 
-def _quant_notes(profile: Profile) -> tuple[bool, list[str]]:
+def _quant_notes(profile: Profile, q: QuantizationSection) -> tuple[bool, list[str]]:
     """Profile-driven choices that change the model: symmetric activations for TensorRT, float I/O."""
     notes: list[str] = []
-    q = profile.quantization
     symmetric = q.mode == "int8" and "TensorrtExecutionProvider" in profile.runtime.providers
     if symmetric:
         notes.append("activations were quantized symmetrically (zero point 0) because TensorRT reads QDQ "
@@ -243,47 +282,144 @@ def _quant_notes(profile: Profile) -> tuple[bool, list[str]]:
     return symmetric, notes
 
 
+def _calibration(calib: str, spec: TensorSpec, preprocessing: Preprocessing | None, label_column: str | int | None,
+                 label_names: list[str] | None, q: QuantizationSection, seed: int,
+                 notes: list[str]) -> tuple[Samples, Samples, Samples, dict[str, Any]]:
+    """(all samples, calibration subset, validation subset, calibration info) of the source."""
+    samples = load_samples(calib, spec, preprocessing, label_column=label_column)
+    if preprocessing is None and samples.preprocessing is not None:
+        pre = samples.preprocessing
+        notes.append(f"image preprocessing was derived from the input shape {list(spec.shape)}: "
+                     f"{pre.layout}, {pre.color}, {pre.size[0]}x{pre.size[1]}, pixel x {pre.scale:.6g}, "
+                     f"mean {list(pre.mean)}, std {list(pre.std)}; give the preprocessing explicitly "
+                     "if the model was trained otherwise")
+    samples = _relabel(samples, label_names, notes)
+    cal, val, cal_info = split(samples, q.calibration_samples, q.validation_samples, seed)
+    notes.extend(cal_info.pop("notes"))
+    return samples, cal, val, cal_info
+
+
+def _speed_note(validation: dict[str, Any], mode: str, notes: list[str]) -> None:
+    if mode != "none" and validation["speedup"] is not None and validation["speedup"] < 1:
+        notes.append(f"on this host the {mode} model ran slower than fp32 "
+                     f"(speed-up {validation['speedup']:.2f}x); small models often do, and the device "
+                     "may differ: measure there with the agent's bench")
+
+
+@dataclass
+class _Job:
+    """Everything both conversion paths share."""
+
+    model: Path
+    profile: Profile
+    q: QuantizationSection
+    calib: str
+    out_dir: Path
+    key: Path
+    name: str
+    version: str
+    preprocessing: Preprocessing | None
+    labels: Path | None
+    label_names: list[str] | None
+    label_column: str | int | None
+    seed: int
+    threads: int
+    steps: _Steps
+    notes: list[str]
+    latency_runs: int
+
+
+def _package(job: _Job, model_member: str, model_file: Path, fmt: str, engine: str, tools: dict[str, str],
+             report: dict[str, Any], q_inputs: list[TensorSpec], q_outputs: list[TensorSpec],
+             golden: tuple[dict[str, np.ndarray], dict[str, np.ndarray], float], pre: Preprocessing | None,
+             quantization: dict[str, Any], validation: dict[str, Any]) -> ConvertResult:
+    from converters.package import build_bundle, golden_npz
+
+    golden_in, golden_out, atol = golden
+    manifest_fields: dict[str, Any] = {
+        "name": job.name,
+        "version": job.version,
+        "profile": job.profile.name,
+        "format": fmt,
+        "engine": engine,
+        "model": model_member,
+        "inputs": [_fixed(t).to_dict() for t in q_inputs],
+        "outputs": [_fixed(t).to_dict() for t in q_outputs],
+        "runtime": _runtime(job.profile),
+        "tools": tools,
+        "preprocessing": pre.to_dict() if pre is not None else None,
+        "labels": "labels.txt" if job.labels is not None else None,
+        "golden": {"inputs": "golden/inputs.npz", "outputs": "golden/outputs.npz", "atol": atol},
+        "report": "report.json",
+        "quantization": quantization,
+        "validation": _summary(validation),
+    }
+    if "xnnpack" in validation:  # TFLite: how much of the model XNNPACK took on the host
+        manifest_fields["validation"]["xnnpack_delegated_nodes"] = validation["xnnpack"]["delegated_nodes"]
+        manifest_fields["validation"]["xnnpack_total_nodes"] = validation["xnnpack"]["total_nodes"]
+    members: dict[str, Path | bytes] = {
+        model_member: model_file,
+        "golden/inputs.npz": golden_npz(golden_in),
+        "golden/outputs.npz": golden_npz(golden_out),
+        "report.json": (json.dumps(report, indent=2) + "\n").encode("utf-8"),
+    }
+    if job.labels is not None:
+        members["labels.txt"] = Path(job.labels)
+    with job.steps.step("package"):
+        out_dir = Path(job.out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        bundle = build_bundle(out_dir / f"{job.name}-{job.version}-{job.profile.name}.edgebundle",
+                              manifest_fields, members, Path(job.key))
+    report["timings_s"] = dict(job.steps.timings)  # now with the package step (report.json was written before it)
+    return ConvertResult(bundle=bundle, manifest=read_bundle_manifest(bundle), report=report)
+
+
 def convert(model: Path, profile: Profile, calib: str, out_dir: Path, key: Path, *, name: str | None = None,
             version: str = "1.0.0", preprocessing: Preprocessing | None = None, labels: Path | None = None,
             seed: int = 0, threads: int | None = None, progress: Callable[[str], None] | None = None,
-            latency_runs: int = 200) -> ConvertResult:
+            latency_runs: int = 200, mode: str | None = None, allow_float_ops: bool = False,
+            label_column: str | int | None = None) -> ConvertResult:
     """Quantize ``model`` for ``profile``, validate it against the float model, and write a signed bundle.
 
-    The bundle is ``out_dir / f"{name}-{version}-{profile.name}.edgebundle"``.
+    The bundle is ``out_dir / f"{name}-{version}-{profile.name}.edgebundle"``. ``mode`` overrides the
+    profile's quantization mode; ``allow_float_ops`` lets a full-integer TFLite model keep ops that have no
+    int8 kernel in float (listed in the report); ``label_column`` names the label column of a CSV source.
     """
-    from converters.package import build_bundle, golden_npz
-
     model = Path(model)
     name = name or model.stem
-    _check_args(model, profile, name, version)
-    label_names = _read_labels(Path(labels)) if labels is not None else None
-    q = profile.quantization
-    threads = threads or min(profile.runtime.threads, os.cpu_count() or 1)
-    steps = _Steps(progress)
+    fmt = _check_args(model, profile, name, version)
     notes: list[str] = []
+    q = _quantization(profile, mode, notes)
+    label_names = _read_labels(Path(labels)) if labels is not None else None
+    job = _Job(model=model, profile=profile, q=q, calib=calib, out_dir=Path(out_dir), key=Path(key), name=name,
+               version=version, preprocessing=preprocessing, labels=Path(labels) if labels is not None else None,
+               label_names=label_names, label_column=label_column, seed=seed,
+               threads=threads or min(profile.runtime.threads, os.cpu_count() or 1), steps=_Steps(progress),
+               notes=notes, latency_runs=latency_runs)
+    if fmt == "onnx":
+        if allow_float_ops:
+            notes.append("--allow-float-ops applies to TFLite conversion only; onnxruntime's QDQ models keep "
+                         "unquantizable ops in float anyway")
+        return _convert_onnx(job)
+    return _convert_tflite(job, allow_float_ops)
 
+
+def _convert_onnx(job: _Job) -> ConvertResult:
+    model, q, steps, notes = job.model, job.q, job.steps, job.notes
     with steps.step("inspect"):
         inputs, outputs, opset = inspect_onnx(model)
         spec = _fixed(_single_float_input(model, inputs))
-        _check_label_count(label_names, outputs, labels)
+        _check_label_count(job.label_names, outputs, job.labels)
 
     with steps.step("calibration"):
-        samples = load_samples(calib, spec, preprocessing)
-        if preprocessing is None and samples.preprocessing is not None:
-            pre = samples.preprocessing
-            notes.append(f"image preprocessing was derived from the input shape {list(spec.shape)}: "
-                         f"{pre.layout}, {pre.color}, {pre.size[0]}x{pre.size[1]}, pixel x {pre.scale:.6g}, "
-                         f"mean {list(pre.mean)}, std {list(pre.std)}; give the preprocessing explicitly "
-                         "if the model was trained otherwise")
-        samples = _relabel(samples, label_names, notes)
-        cal, val, cal_info = split(samples, q.calibration_samples, q.validation_samples, seed)
-        notes.extend(cal_info.pop("notes"))
+        samples, cal, val, cal_info = _calibration(job.calib, spec, job.preprocessing, job.label_column,
+                                                   job.label_names, q, job.seed, notes)
 
     with tempfile.TemporaryDirectory(prefix="edgekit-convert-") as tmp:
         work = Path(tmp)
         quant = work / "model.onnx"
         with steps.step("quantize"):
-            symmetric, profile_notes = _quant_notes(profile)
+            symmetric, profile_notes = _quant_notes(job.profile, q)
             notes.extend(profile_notes)
             notes.extend(convert_onnx_model(model, quant, q.mode, cal.arrays, spec.name,
                                             per_channel=q.per_channel, method=q.calibration_method,
@@ -291,24 +427,21 @@ def convert(model: Path, profile: Profile, calib: str, out_dir: Path, key: Path,
             q_inputs, q_outputs, q_opset = inspect_onnx(quant)
 
         with steps.step("validate"):
-            validation = compare_onnx(model, quant, val, threads, runs=latency_runs)
-            if q.mode != "none" and validation["speedup"] is not None and validation["speedup"] < 1:
-                notes.append(f"on this host the {q.mode} model ran slower than fp32 "
-                             f"(speed-up {validation['speedup']:.2f}x); small models often do, and the device "
-                             "may differ: measure there with the agent's bench")
+            validation = compare_onnx(model, quant, val, job.threads, runs=job.latency_runs)
+            _speed_note(validation, q.mode, notes)
 
         with steps.step("golden"):
             golden_in, golden_out, atol = _golden(quant, val, spec.name)
 
-        pre = samples.preprocessing or preprocessing
+        pre = samples.preprocessing or job.preprocessing
+        calibration = {"count": cal_info["count"], "seed": job.seed, "sha256": cal_info["sha256"]}
         quantization = {"mode": q.mode, "per_channel": q.per_channel, "method": q.calibration_method,
-                        "format": "QDQ" if q.mode == "int8" else q.mode,
-                        "calibration": {"count": cal_info["count"], "seed": seed, "sha256": cal_info["sha256"]}}
+                        "format": "QDQ" if q.mode == "int8" else q.mode, "calibration": calibration}
         report: dict[str, Any] = _finite({
             "schema": REPORT_SCHEMA,
-            "name": name,
-            "version": version,
-            "profile": profile.name,
+            "name": job.name,
+            "version": job.version,
+            "profile": job.profile.name,
             "source_model": {"file": model.name, "sha256": _sha256(model), "opset": opset,
                              "inputs": [t.to_dict() for t in inputs], "outputs": [t.to_dict() for t in outputs]},
             "model_opset": q_opset,
@@ -321,36 +454,131 @@ def convert(model: Path, profile: Profile, calib: str, out_dir: Path, key: Path,
             "notes": notes,
             "timings_s": dict(steps.timings),
         })
-        manifest_fields: dict[str, Any] = {
-            "name": name,
-            "version": version,
+        return _package(job, "model.onnx", quant, "onnx", "onnxruntime", _tools(), report, q_inputs, q_outputs,
+                        (golden_in, golden_out, atol), pre, quantization, validation)
+
+
+# --------------------------------------------------------------------------------------------------
+# TFLite
+
+
+def _single_input(model: Path, inputs: list[TensorSpec], quantized_ok: bool) -> TensorSpec:
+    if quantized_ok and len(inputs) == 1 and inputs[0].dtype in ("int8", "uint8") and inputs[0].scale:
+        return inputs[0]
+    return _single_float_input(model, inputs)
+
+
+def _tree_sha256(path: Path) -> str:
+    """sha256 of a file, or of a folder: every file's relative path and contents, in sorted order."""
+    if path.is_file():
+        return _sha256(path)
+    h = hashlib.sha256()
+    for f in sorted(p for p in path.rglob("*") if p.is_file()):
+        h.update(f.relative_to(path).as_posix().encode("utf-8") + b"\0")
+        h.update(bytes.fromhex(_sha256(f)))
+    return h.hexdigest()
+
+
+def _golden_tflite(quant: Path, val: Samples) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], float]:
+    """Golden inputs and outputs of the quantized model, raw in the model's own I/O dtypes."""
+    from converters.tflite_int8 import interpreter, spec_from_detail, to_model_input
+
+    it = interpreter(quant)
+    detail = it.get_input_details()[0]
+    spec = spec_from_detail(detail)
+    outputs = it.get_output_details()
+    raw_in = [to_model_input(x, spec) for x in val.arrays[:GOLDEN_COUNT]]
+    results = []
+    for x in raw_in:
+        it.set_tensor(detail["index"], x)
+        it.invoke()
+        results.append([np.array(it.get_tensor(d["index"])) for d in outputs])
+    golden_out = {d["name"]: np.stack([r[k] for r in results]) for k, d in enumerate(outputs)}
+    peak = max(float(np.abs(a.astype(np.float64)).max()) if a.size else 0.0 for a in golden_out.values())
+    integer = all(a.dtype.kind in "iu" for a in golden_out.values())
+    atol = max(1.0, 0.02 * peak) if integer else max(1e-4, 0.02 * peak)
+    return {spec.name: np.stack(raw_in)}, golden_out, atol
+
+
+def _tflite_tools(extra: dict[str, str]) -> dict[str, str]:
+    from converters.tflite_int8 import tf_versions
+
+    return {"edgekit": EDGEKIT_VERSION, **tf_versions(), **extra, "numpy": np.__version__}
+
+
+def _convert_tflite(job: _Job, allow_float_ops: bool) -> ConvertResult:
+    from converters.tflite_int8 import convert_tflite_model, float_reference, prepare_source, tflite_io
+    from converters.validate_tflite import compare_tflite
+
+    model, q, steps, notes, profile = job.model, job.q, job.steps, job.notes, job.profile
+    edgetpu = "edgetpu" in profile.runtime.delegates
+    with tempfile.TemporaryDirectory(prefix="edgekit-convert-") as tmp:
+        work = Path(tmp)
+        with steps.step("inspect"):
+            source = prepare_source(model, work)
+            notes.extend(source.notes)
+            if source.quantized and q.mode != "none":
+                raise InputError(f"{model} is already quantized (integer inputs, outputs or QUANTIZE ops); it "
+                                 f"cannot be quantized again for mode {q.mode!r}",
+                                 hint="package it as it is with --mode none, or convert the float source model")
+            spec = _fixed(_single_input(model, source.inputs, quantized_ok=source.kind == "tflite"))
+            _check_label_count(job.label_names, source.outputs, job.labels)
+
+        with steps.step("calibration"):
+            samples, cal, val, cal_info = _calibration(job.calib, spec, job.preprocessing, job.label_column,
+                                                       job.label_names, q, job.seed, notes)
+
+        quant, fp32 = work / "model.tflite", work / "fp32.tflite"
+        with steps.step("quantize"):
+            conversion = convert_tflite_model(source, quant, q.mode, cal.arrays, io_dtype=q.io_dtype,
+                                              per_channel=q.per_channel, method=q.calibration_method,
+                                              allow_float_ops=allow_float_ops, edgetpu=edgetpu)
+            notes.extend(conversion.notes)
+            float_reference(source, fp32)
+            q_inputs, q_outputs = tflite_io(quant)
+
+        with steps.step("validate"):
+            validation = compare_tflite(fp32, quant, val, job.threads, runs=job.latency_runs)
+            _speed_note(validation, q.mode, notes)
+            xnn = validation["xnnpack"]
+            if xnn["delegated_nodes"] < xnn["total_nodes"]:
+                notes.append(f"on this host LiteRT's XNNPACK delegate took {xnn['delegated_nodes']} of "
+                             f"{xnn['total_nodes']} nodes; the others run on LiteRT's built-in kernels")
+            if edgetpu:
+                notes.append("validated on this host's CPU with LiteRT + XNNPACK: the Edge TPU delegate "
+                             "(libedgetpu) is not used here, and compiling the model for the Edge TPU "
+                             "(edgetpu_compiler) is a later step")
+
+        with steps.step("golden"):
+            golden_in, golden_out, atol = _golden_tflite(quant, val)
+
+        pre = samples.preprocessing or job.preprocessing
+        io_dtype = q_inputs[0].dtype if q.mode == "int8" else "float32"
+        quantization = {"mode": q.mode, "per_channel": q.per_channel, "method": "minmax",
+                        "format": "tflite-" + ("full-integer" if q.mode == "int8" else q.mode),
+                        "io_dtype": io_dtype, "allow_float_ops": allow_float_ops,
+                        "float_ops": [op.op for op in conversion.float_ops],
+                        "calibration": {"count": cal_info["count"], "seed": job.seed,
+                                        "sha256": cal_info["sha256"]}}
+        report: dict[str, Any] = _finite({
+            "schema": REPORT_SCHEMA,
+            "name": job.name,
+            "version": job.version,
             "profile": profile.name,
-            "format": "onnx",
-            "engine": "onnxruntime",
-            "model": "model.onnx",
-            "inputs": [_fixed(t).to_dict() for t in q_inputs],
-            "outputs": [_fixed(t).to_dict() for t in q_outputs],
-            "runtime": _runtime(profile),
-            "tools": _tools(),
-            "preprocessing": pre.to_dict() if pre is not None else None,
-            "labels": "labels.txt" if labels is not None else None,
-            "golden": {"inputs": "golden/inputs.npz", "outputs": "golden/outputs.npz", "atol": atol},
-            "report": "report.json",
+            "source_model": {"file": model.name, "kind": source.kind, "sha256": _tree_sha256(model),
+                             "inputs": [t.to_dict() for t in source.inputs],
+                             "outputs": [t.to_dict() for t in source.outputs]},
             "quantization": quantization,
-            "validation": _summary(validation),
-        }
-        members: dict[str, Path | bytes] = {
-            "model.onnx": quant,
-            "golden/inputs.npz": golden_npz(golden_in),
-            "golden/outputs.npz": golden_npz(golden_out),
-            "report.json": (json.dumps(report, indent=2) + "\n").encode("utf-8"),
-        }
-        if labels is not None:
-            members["labels.txt"] = Path(labels)
-        with steps.step("package"):
-            out_dir = Path(out_dir)
-            out_dir.mkdir(parents=True, exist_ok=True)
-            bundle = build_bundle(out_dir / f"{name}-{version}-{profile.name}.edgebundle", manifest_fields,
-                                  members, Path(key))
-    report["timings_s"] = dict(steps.timings)  # now with the package step (report.json was written before it)
-    return ConvertResult(bundle=bundle, manifest=read_bundle_manifest(bundle), report=report)
+            "float_ops": [op.to_dict() for op in conversion.float_ops],
+            "calibration": cal_info,
+            "validation": validation,
+            "golden": {"count": len(next(iter(golden_in.values()))), "atol": atol,
+                       "dtype": {k: str(v.dtype) for k, v in golden_out.items()},
+                       "note": "raw outputs (the model's own dtype) of the quantized model with LiteRT on this "
+                               "host; the device smoke test must match them within atol = 2% of the largest "
+                               "golden output, at least 1 quantized step for integer outputs (1e-4 for float)"},
+            "notes": notes,
+            "timings_s": dict(steps.timings),
+        })
+        return _package(job, "model.tflite", quant, "tflite", "litert", _tflite_tools(conversion.tools), report,
+                        q_inputs, q_outputs, (golden_in, golden_out, atol), pre, quantization, validation)

@@ -246,3 +246,110 @@ def test_split_needs_two_samples() -> None:
     with pytest.raises(CalibrationError, match="need at least 2 samples") as info:
         split(_samples(1), 10, 10, seed=0)
     assert info.value.exit_code == 2
+
+
+# --------------------------------------------------------------------------------------------------
+# CSV
+
+
+def _csv(path: Path, rows: list[list[object]], header: list[str] | None = None, *, bom: bool = False,
+         newline: str = "\n") -> Path:
+    lines = ([",".join(header)] if header else []) + [",".join(str(v) for v in row) for row in rows]
+    path.write_text(("\ufeff" if bom else "") + newline.join(lines) + newline, encoding="utf-8")
+    return path
+
+
+def _table(n: int, width: int = 16, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, 3, n), np.round(rng.normal(size=(n, width)), 4)
+
+
+def test_csv_with_bom_header_crlf_and_label_name(tmp_path: Path) -> None:
+    labels, x = _table(7)
+    header = ["f" + str(i) for i in range(8)] + ["class"] + ["f" + str(i) for i in range(8, 16)]
+    rows = [[*row[:8], lab, *row[8:]] for lab, row in zip(labels, x, strict=True)]
+    src = _csv(tmp_path / "d.csv", rows, header, bom=True, newline="\r\n")
+    s = load_samples(src, VECTOR, None, label_column="class")
+    assert s.arrays.shape == (7, 1, 16) and s.arrays.dtype == np.float32
+    np.testing.assert_allclose(s.arrays[:, 0], x, atol=1e-6)  # the label column is taken out, order kept
+    np.testing.assert_array_equal(s.labels, labels)
+    assert s.labels.dtype == np.int64
+    assert "7 rows" in s.description and "header row skipped" in s.description and "'class'" in s.description
+    by_index = load_samples(src, VECTOR, None, label_column=8)
+    np.testing.assert_array_equal(by_index.labels, labels)
+
+
+def test_csv_without_header_label_first_or_last(tmp_path: Path) -> None:
+    labels, x = _table(5)
+    first = _csv(tmp_path / "first.csv", [[lab, *row] for lab, row in zip(labels, x, strict=True)])
+    s = load_samples(first, VECTOR, None, label_column=0)
+    np.testing.assert_array_equal(s.labels, labels)
+    np.testing.assert_allclose(s.arrays[:, 0], x, atol=1e-6)
+    assert load_samples(first, VECTOR, None, label_column="0").labels.tolist() == labels.tolist()
+    last = _csv(tmp_path / "last.csv", [[*row, float(lab)] for lab, row in zip(labels, x, strict=True)])
+    np.testing.assert_array_equal(load_samples(last, VECTOR, None, label_column=-1).labels, labels)
+
+
+def test_csv_rows_fill_an_image_input_in_c_order(tmp_path: Path) -> None:
+    values = np.arange(2 * 64).reshape(2, 64)
+    s = load_samples(_csv(tmp_path / "img.csv", values.tolist()), IMAGE, None)
+    assert s.arrays.shape == (2, 1, 1, 8, 8) and s.labels is None
+    np.testing.assert_array_equal(s.arrays[1, 0, 0], values[1].reshape(8, 8))
+
+
+def test_csv_of_the_wrong_width_names_file_rows_and_width(tmp_path: Path) -> None:
+    _, x = _table(12, width=10)
+    err = _error(_csv(tmp_path / "narrow.csv", x.tolist()), VECTOR)
+    assert "narrow.csv" in err.message and "12 rows of 10 columns" in err.message and "16 values" in err.message
+    labels, x = _table(4)
+    labelled = _csv(tmp_path / "labelled.csv", [[lab, *row] for lab, row in zip(labels, x, strict=True)])
+    err = _error(labelled, VECTOR)
+    assert "17 columns (no label column)" in err.message
+    assert "--label-column" in (err.hint or "")  # one column too many: probably the labels
+
+
+def test_csv_label_column_errors(tmp_path: Path) -> None:
+    labels, x = _table(3)
+    src = _csv(tmp_path / "d.csv", [[lab, *row] for lab, row in zip(labels, x, strict=True)],
+               ["label", *(f"x{i}" for i in range(16))])
+    with pytest.raises(CalibrationError) as info:
+        load_samples(src, VECTOR, None, label_column="target")
+    assert "'target'" in info.value.message and "'label'" in info.value.message
+    with pytest.raises(CalibrationError, match="out of range"):
+        load_samples(src, VECTOR, None, label_column=17)
+    fractional = _csv(tmp_path / "f.csv", [[0.5, *x[0]], [1, *x[1]]])
+    with pytest.raises(CalibrationError, match=r"line 1: label '0.5' in column 0 is not a class index"):
+        load_samples(fractional, VECTOR, None, label_column=0)
+    np.save(tmp_path / "x.npy", x.astype(np.float32))
+    with pytest.raises(CalibrationError, match=r"applies to a \.csv calibration source only"):
+        load_samples(tmp_path / "x.npy", VECTOR, None, label_column=0)
+
+
+def test_csv_bad_cells_and_ragged_rows_name_the_line(tmp_path: Path) -> None:
+    _, x = _table(3)
+    rows = [list(r) for r in x.tolist()]
+    rows[1][5] = "oops"
+    err = _error(_csv(tmp_path / "bad.csv", rows), VECTOR)
+    assert "bad.csv, line 2: 'oops' is not a number" in err.message
+    ragged = tmp_path / "ragged.csv"
+    ragged.write_text("\n".join([",".join(["1"] * 16), ",".join(["1"] * 15)]) + "\n")
+    assert "ragged.csv, line 2: 15 columns where the first row has 16" in _error(ragged, VECTOR).message
+
+
+def test_csv_empty_or_header_only(tmp_path: Path) -> None:
+    (tmp_path / "empty.csv").write_text("\n\n")
+    assert "zero samples" in _error(tmp_path / "empty.csv", VECTOR).message
+    (tmp_path / "header.csv").write_text("a,b,c\n")
+    assert "only a header row" in _error(tmp_path / "header.csv", VECTOR).message
+
+
+@pytest.mark.realmodels
+def test_real_keypoint_csv(realmodels: Path) -> None:
+    spec = TensorSpec("input_1", (-1, 42), "float32")
+    s = load_samples(realmodels / "hand_gesture" / "keypoint.csv", spec, None, label_column=0)
+    assert s.arrays.shape == (4450, 1, 42)
+    assert np.bincount(s.labels).tolist() == [1522, 1572, 1356]
+    assert float(np.abs(s.arrays).max()) == pytest.approx(1.0)  # landmarks normalised to [-1, 1]
+    with pytest.raises(CalibrationError) as info:
+        load_samples(realmodels / "hand_gesture" / "keypoint.csv", spec, None)
+    assert "4450 rows of 43 columns" in info.value.message and "42 values per row" in info.value.message
