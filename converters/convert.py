@@ -363,8 +363,8 @@ def _package(job: _Job, model_member: str, model_file: Path, fmt: str, engine: s
         "golden/outputs.npz": golden_npz(golden_out),
         "report.json": (json.dumps(report, indent=2) + "\n").encode("utf-8"),
     }
-    if job.labels is not None:
-        members["labels.txt"] = Path(job.labels)
+    if job.label_names is not None:  # the text already read and checked, not a second read of the file
+        members["labels.txt"] = ("\n".join(job.label_names) + "\n").encode("utf-8")
     with job.steps.step("package"):
         out_dir = Path(job.out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)

@@ -184,6 +184,10 @@ def test_image_folder_with_labels_file(tmp_path: Path, keypair: tuple[Path, Path
     v = result.manifest.validation
     assert v["accuracy_fp32"] is not None and 0 <= v["accuracy_quant"] <= 1
     assert result.manifest.labels == "labels.txt"
+    from edge_agent.bundle import unpack_bundle
+
+    unpacked = unpack_bundle(result.bundle, tmp_path / "unpacked", keypair[1])
+    assert unpacked.member("labels.txt").read_text().splitlines() == names
     assert result.manifest.preprocessing == {"size": [8, 8], "color": "gray", "layout": "NCHW",
                                              "scale": 1 / 255, "mean": [0.0], "std": [1.0],
                                              "resize_mode": "stretch"}
