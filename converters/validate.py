@@ -106,6 +106,36 @@ def interleaved_latency(sessions: list[Any], input_name: str, arrays: np.ndarray
     return samples
 
 
+
+def comparison_figures(fp32: Path, quant: Path, val: Samples, names: list[str], out_fp32: list[np.ndarray],
+                       out_quant: list[np.ndarray], lat_fp32: list[int], lat_quant: list[int], *, runs: int,
+                       warmup: int, where: str) -> dict[str, Any]:
+    """The figures every validator reports: sizes, per-output error, accuracy, interleaved latency."""
+    size_fp32, size_quant = fp32.stat().st_size, quant.stat().st_size
+    result: dict[str, Any] = {
+        "fp32_size_bytes": size_fp32,
+        "quant_size_bytes": size_quant,
+        "size_ratio": ratio(size_quant, size_fp32),
+        "samples": len(val),
+        "outputs": compare_outputs(out_fp32, out_quant, names),
+        "accuracy_fp32": None,
+        "accuracy_quant": None,
+    }
+    if val.labels is not None and _is_class_vector(out_fp32[0].shape[1:]):
+        result["accuracy_fp32"] = _accuracy(out_fp32[0], val.labels)
+        result["accuracy_quant"] = _accuracy(out_quant[0], val.labels)
+        result["accuracy_output"] = names[0]
+    sum_fp32, sum_quant = latency_summary_ms(lat_fp32), latency_summary_ms(lat_quant)
+    p50_fp32, p50_quant = sum_fp32["p50"], sum_quant["p50"]
+    result.update({
+        "fp32_p50_ms": p50_fp32,
+        "quant_p50_ms": p50_quant,
+        "speedup": ratio(p50_fp32, p50_quant) if p50_fp32 is not None and p50_quant is not None else None,
+        "latency": {"fp32": sum_fp32, "quant": sum_quant, "runs": runs, "warmup": warmup, "block": BLOCK,
+                    "note": f"measured {where}, not on the device"},
+    })
+    return result
+
 def compare_onnx(fp32: Path, quant: Path, val: Samples, threads: int, warmup: int = 10,
                  runs: int = 200) -> dict:
     """fp32 vs quantized on the validation samples: sizes, agreement, errors, accuracy, host latency."""
@@ -123,30 +153,10 @@ def compare_onnx(fp32: Path, quant: Path, val: Samples, threads: int, warmup: in
     names = [o.name for o in s_fp32.get_outputs()]
     out_fp32 = _outputs(s_fp32, input_name, val.arrays, "fp32")
     out_quant = _outputs(s_quant, input_name, val.arrays, "quantized")
-    per_output = compare_outputs(out_fp32, out_quant, names)
-    result: dict[str, Any] = {
-        "fp32_size_bytes": fp32.stat().st_size,
-        "quant_size_bytes": quant.stat().st_size,
-        "size_ratio": ratio(quant.stat().st_size, fp32.stat().st_size),
-        "samples": len(val),
-        "outputs": per_output,
-        "accuracy_fp32": None,
-        "accuracy_quant": None,
-    }
-    first = out_fp32[0]
-    if val.labels is not None and _is_class_vector(first.shape[1:]):
-        result["accuracy_fp32"] = _accuracy(out_fp32[0], val.labels)
-        result["accuracy_quant"] = _accuracy(out_quant[0], val.labels)
-        result["accuracy_output"] = names[0]
     lat_fp32, lat_quant = interleaved_latency([s_fp32, s_quant], input_name, val.arrays, warmup, runs)
-    sum_fp32, sum_quant = latency_summary_ms(lat_fp32), latency_summary_ms(lat_quant)
-    p50_fp32, p50_quant = sum_fp32["p50"], sum_quant["p50"]
+    result = comparison_figures(fp32, quant, val, names, out_fp32, out_quant, lat_fp32, lat_quant, runs=runs,
+                                warmup=warmup, where="on the host that converted the model")
     result.update({
-        "fp32_p50_ms": p50_fp32,
-        "quant_p50_ms": p50_quant,
-        "speedup": ratio(p50_fp32, p50_quant) if p50_fp32 is not None and p50_quant is not None else None,
-        "latency": {"fp32": sum_fp32, "quant": sum_quant, "runs": runs, "warmup": warmup, "block": BLOCK,
-                    "note": "measured on the host that converted the model, not on the device"},
         "host": {"cpu": host_cpu(), "threads": threads, "onnxruntime": onnxruntime.__version__,
                  "machine": platform.machine()},
     })

@@ -23,10 +23,9 @@ import numpy as np
 
 from converters.calibration import Samples
 from converters.tflite_int8 import interpreter, litert_version, spec_from_detail, to_model_input
-from converters.validate import BLOCK, _accuracy, _is_class_vector, compare_outputs, host_cpu
+from converters.validate import BLOCK, comparison_figures, host_cpu
 from edge_agent.errors import ConversionError
 from edge_agent.preprocess import dequantize
-from edge_agent.stats import latency_summary_ms, ratio
 
 
 def _first_line(e: BaseException) -> str:
@@ -168,29 +167,11 @@ def compare_tflite(fp32: Path, quant: Path, val: Samples, threads: int, warmup: 
                               f"{len(names)} (step: validate)")
     out_fp32 = _outputs(r_fp32, val.arrays)
     out_quant = _outputs(r_quant, val.arrays)
-    result: dict[str, Any] = {
-        "fp32_size_bytes": fp32.stat().st_size,
-        "quant_size_bytes": quant.stat().st_size,
-        "size_ratio": ratio(quant.stat().st_size, fp32.stat().st_size),
-        "samples": len(val),
-        "outputs": compare_outputs(out_fp32, out_quant, names),
-        "accuracy_fp32": None,
-        "accuracy_quant": None,
-    }
-    if val.labels is not None and _is_class_vector(out_fp32[0].shape[1:]):
-        result["accuracy_fp32"] = _accuracy(out_fp32[0], val.labels)
-        result["accuracy_quant"] = _accuracy(out_quant[0], val.labels)
-        result["accuracy_output"] = names[0]
     lat_fp32, lat_quant = interleaved_latency_raw([r_fp32, r_quant], val.arrays, warmup, runs)
-    sum_fp32, sum_quant = latency_summary_ms(lat_fp32), latency_summary_ms(lat_quant)
-    p50_fp32, p50_quant = sum_fp32["p50"], sum_quant["p50"]
+    result = comparison_figures(fp32, quant, val, names, out_fp32, out_quant, lat_fp32, lat_quant, runs=runs,
+                                warmup=warmup, where="with LiteRT and its default XNNPACK delegate on the host "
+                                                     "that converted the model")
     result.update({
-        "fp32_p50_ms": p50_fp32,
-        "quant_p50_ms": p50_quant,
-        "speedup": ratio(p50_fp32, p50_quant) if p50_fp32 is not None and p50_quant is not None else None,
-        "latency": {"fp32": sum_fp32, "quant": sum_quant, "runs": runs, "warmup": warmup, "block": BLOCK,
-                    "note": "measured with LiteRT and its default XNNPACK delegate on the host that converted "
-                            "the model, not on the device"},
         "xnnpack": xnnpack_nodes(quant, threads),
         "xnnpack_fp32": xnnpack_nodes(fp32, threads),
         "host": {"cpu": host_cpu(), "threads": threads, "litert": litert_version(),
