@@ -59,6 +59,8 @@ def bench(bundle_path: str | os.PathLike, pubkey: str | os.PathLike | None, *, w
             "providers": info["providers"],
             "providers_requested": info["providers_requested"],
             "delegate": info["delegate"],
+            "delegated_nodes": info.get("delegated_nodes"),  # LiteRT: N of M nodes delegated; None elsewhere
+            "total_nodes": info.get("total_nodes"),
             "degraded": info["degraded"],
             "degraded_reason": info["degraded_reason"],
             "threads": info["threads"],

@@ -3,9 +3,20 @@
     edge-agent bench --bundle B [--pubkey K] [--warmup N] [--count N] [--threads N] [--source S] [--json]
     edge-agent run   --bundle B [--pubkey K] [--duration S] [--source S] [--mqtt HOST:PORT]
                      [--device-id ID] [--window S] [--state-dir DIR] [--threads N] [--json]
+    edge-agent infer --bundle B [--pubkey K] --input FILE.npy [--threads N] [--json]
+
+``infer`` runs ONE input through the verified bundle and prints every output raw and dequantized
+(int8/uint8 outputs with the manifest's scale and zero point; other dtypes: dequantized = raw; int8/uint8
+without quantization parameters: null). The input holds exactly one sample: the input's shape, or that
+shape without its batch axis; float data for an int8/uint8 input is quantized with the input's scale and
+zero point (.npz with one array per input name for multi-input models). ``--json`` prints exactly
+``{"outputs": [{"name", "shape", "dtype", "raw", "dequantized"}], "latency_ms"}``; the text form adds a
+top-5 for classifier outputs (with labels when the bundle has a labels member).
 
 Errors: every ``EdgekitError`` is printed on stderr with its hint and ends the process with its exit code
-(2 for bad input, 1 for a failure); with ``--json`` the error is also printed as JSON on stdout.
+(2 for bad input, 1 for a failure); with ``--json`` the error is also printed as JSON on stdout. A bad
+model (corrupt, or a custom op the runtime lacks) is exit 2; an accelerator the profile requires
+(``cpu_fallback = false``) that cannot be loaded is a ``BackendError``, exit 1.
 Anything else is a bug and is not swallowed. This module imports nothing heavy: runtimes are loaded by
 the backend that needs them.
 """
@@ -20,11 +31,14 @@ import signal
 import socket
 import sys
 import threading
-from collections.abc import Sequence
+import time
+from collections.abc import Sequence, Sized
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from edge_agent import __version__
-from edge_agent.errors import EdgekitError, InputError
+from edge_agent.errors import EdgekitError, InputError, SourceError
 
 PROG = "edge-agent"
 
@@ -76,6 +90,14 @@ def _build_parser() -> argparse.ArgumentParser:
     r.add_argument("--mqtt", metavar="HOST:PORT", help="MQTT broker for telemetry (default: offline)")
     r.add_argument("--device-id", help="device id in topics and windows (default: the host name)")
     r.add_argument("--state-dir", help="folder that keeps the window sequence number across restarts")
+
+    i = sub.add_parser("infer", help="run one input through a bundle and print its outputs")
+    i.add_argument("--bundle", required=True, help="the signed .edgebundle to run")
+    i.add_argument("--pubkey", help="public key to verify the bundle with (default: as for run)")
+    i.add_argument("--input", required=True, help="one sample: .npy of the input's shape (batch axis optional), "
+                   "or .npz with one array per input name")
+    i.add_argument("--threads", type=int, help="intra-op threads (default: the profile's)")
+    i.add_argument("--json", action="store_true", help="machine-readable output on stdout")
     return p
 
 
@@ -85,10 +107,12 @@ def _print_bench(result: dict[str, Any]) -> None:
     rows = [
         ("bundle", f"{b['name']} {b['version']} (profile {b['profile']})"),
         ("engine", result["engine"]),
-        ("providers", ", ".join(result["providers"])
+        ("providers", (", ".join(result["providers"]) or "none")
          + (f"  (requested: {', '.join(result['providers_requested'])})"
             if result["providers"] != result["providers_requested"] else "")),
         ("degraded", f"yes: {result['degraded_reason']}" if result["degraded"] else "no"),
+        *((("delegated", f"{result['delegated_nodes']} of {result['total_nodes']} nodes "
+            f"({result['delegate'] or 'no delegate'})"),) if result.get("total_nodes") is not None else ()),
         ("threads", str(result["threads"] or "default")),
         ("init", f"{result['init_ms']:.1f} ms"),
         ("first inference", f"{result['first_inference_ms']:.3f} ms"),
@@ -139,12 +163,176 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------------------------------
+# infer
+
+
+TOP_K = 5
+_QUANTIZED = ("int8", "uint8")
+
+
+@dataclass
+class InferResult:
+    """One inference: ``outputs`` as printed by ``--json``, plus what the text form shows."""
+
+    outputs: list[dict[str, Any]]
+    latency_ms: float
+    bundle: dict[str, str]
+    backend: dict[str, Any]
+    inputs: list[dict[str, Any]]
+    output_specs: list[dict[str, Any]]
+    labels: list[str] | None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"outputs": self.outputs, "latency_ms": self.latency_ms}
+
+
+def _output_entry(name: str, arr: Any, scale: float | None, zero_point: int | None) -> dict[str, Any]:
+    import numpy as np
+
+    from edge_agent.preprocess import dequantize
+
+    arr = np.asarray(arr)
+    if arr.dtype.name in _QUANTIZED:
+        deq = None if scale is None or zero_point is None else dequantize(arr, scale, zero_point).tolist()
+    else:
+        deq = arr.tolist()
+    return {"name": name, "shape": list(arr.shape), "dtype": arr.dtype.name, "raw": arr.tolist(),
+            "dequantized": deq}
+
+
+def _read_labels(root: Path | None, member: str | None) -> list[str] | None:
+    if root is None or member is None:
+        return None
+    path = root / member
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as e:
+        raise InputError(f"labels member {member!r} of the bundle cannot be read: {e}",
+                         hint="rebuild the bundle with a UTF-8 labels file, one class per line") from e
+    return [line.strip() for line in text.splitlines()]
+
+
+def infer(bundle: str, pubkey: str | None, input_path: str, *, threads: int | None = None) -> InferResult:
+    """Verify and unpack ``bundle``, run the one sample in ``input_path``, return the outputs."""
+    from edge_agent.service import open_session
+
+    path = Path(input_path).expanduser()
+    if not path.is_file():
+        raise SourceError(f"--input {path} does not exist or is not a file",
+                          hint="pass a .npy file holding one sample of the model's input")
+    with open_session(bundle, pubkey, source=f"npy:{path}", threads=threads) as sess:
+        count = len(sess.source) if isinstance(sess.source, Sized) else 1
+        if count != 1:
+            specs = sess.backend.inputs
+            want = ", ".join(f"{t.name!r} {tuple(1 if d < 0 else d for d in t.shape)} "
+                             f"(or {tuple(1 if d < 0 else d for d in t.shape[1:])} without the batch axis)"
+                             for t in specs)
+            raise SourceError(f"{path}: holds {count} samples; infer runs exactly one, shaped like input {want}",
+                              hint="save a single sample, e.g. numpy.save(path, samples[0])")
+        feeds = sess.source.next()
+        t0 = time.perf_counter_ns()
+        raw = sess.backend.run(feeds)
+        latency_ms = (time.perf_counter_ns() - t0) / 1e6
+        m = sess.manifest
+        outputs = [_output_entry(spec.name, arr, spec.scale, spec.zero_point)
+                   for spec, arr in zip(sess.backend.outputs, raw, strict=True)]
+        return InferResult(
+            outputs=outputs, latency_ms=round(latency_ms, 4),
+            bundle={"name": m.name, "version": m.version, "profile": m.profile},
+            backend=sess.backend.info(),
+            inputs=[{"name": t.name, "shape": list(f.shape), "dtype": f.dtype.name}
+                    for t, f in zip(sess.backend.inputs, feeds, strict=True)],
+            output_specs=[t.to_dict() for t in sess.backend.outputs],
+            labels=_read_labels(sess.root, m.labels),
+        )
+
+
+def top_k(scores: Sequence[float], k: int = TOP_K) -> list[tuple[int, float]]:
+    """The ``k`` highest (index, score) pairs, best first; ties by lower index."""
+    order = sorted(range(len(scores)), key=lambda i: (-scores[i], i))
+    return [(i, scores[i]) for i in order[:k]]
+
+
+def _is_classifier(shape: Sequence[int]) -> bool:
+    """One row of at least two scores: (N,) or (1, N) / (1, 1, N)."""
+    return len(shape) >= 1 and shape[-1] >= 2 and all(d == 1 for d in shape[:-1])
+
+
+def _flat(values: Any) -> list[Any]:
+    out: list[Any] = []
+    stack = [values]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, list):
+            stack.extend(reversed(v))
+        else:
+            out.append(v)
+    return out
+
+
+def _fmt_value(v: Any) -> str:
+    return f"{v:.6g}" if isinstance(v, float) else str(v)
+
+
+def _fmt_values(values: list[Any]) -> str:
+    return "[" + ", ".join(map(_fmt_value, values)) + "]"
+
+
+def _print_infer(result: InferResult, input_path: str) -> None:
+    b, info = result.bundle, result.backend
+    engine = info["engine"] + (f" ({info['runtime']})" if info.get("runtime") else "")
+    if info.get("total_nodes") is not None:
+        engine += (f"; {info['delegated_nodes']} of {info['total_nodes']} nodes delegated"
+                   f" ({info['delegate'] or 'no delegate'})")
+    elif info.get("providers"):
+        engine += f"; {', '.join(info['providers'])}"
+    rows = [("bundle", f"{b['name']} {b['version']} (profile {b['profile']})"), ("engine", engine)]
+    if info["degraded"]:
+        rows.append(("degraded", f"yes: {info['degraded_reason']}"))
+    rows += [("input", f"{input_path} -> " + ", ".join(f"{i['name']} {tuple(i['shape'])} {i['dtype']}"
+                                                     for i in result.inputs)),
+             ("latency", f"{result.latency_ms:.3f} ms")]
+    width = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        print(f"{k:<{width}}  {v}")
+    for out, spec in zip(result.outputs, result.output_specs, strict=True):
+        quant = (f", scale {spec['scale']:.6g} zero point {spec['zero_point']}"
+                 if out["dtype"] in _QUANTIZED and spec.get("scale") is not None else "")
+        print(f"\noutput {out['name']}: shape {tuple(out['shape'])} {out['dtype']}{quant}")
+        raw = _flat(out["raw"])
+        deq = _flat(out["dequantized"]) if out["dequantized"] is not None else None
+        scores = deq if deq is not None else raw
+        if _is_classifier(out["shape"]):
+            labels = result.labels
+            print(f"  top-{min(TOP_K, len(scores))}")
+            print(f"  {'rank':<5} {'index':>6}  {'raw':>12}  {'score':>12}  label")
+            for rank, (i, score) in enumerate(top_k(scores), 1):
+                label = labels[i] if labels is not None and i < len(labels) else "-"
+                print(f"  {rank:<5} {i:>6}  {_fmt_value(raw[i]):>12}  {score:>12.6g}  {label}")
+        elif len(raw) <= 16:
+            print(f"  raw          {_fmt_values(raw)}")
+            print(f"  dequantized  {_fmt_values(deq) if deq is not None else '- (no scale/zero point)'}")
+        else:
+            print(f"  {len(raw)} values; dequantized min {min(scores):.6g} max {max(scores):.6g} "
+                  f"mean {sum(scores) / len(scores):.6g}")
+
+
+def _cmd_infer(args: argparse.Namespace) -> int:
+    result = infer(args.bundle, args.pubkey, args.input, threads=args.threads)
+    if args.json:
+        print(json.dumps(result.to_json()))
+    else:
+        _print_infer(result, args.input)
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _build_parser()
     args = parser.parse_args(argv)
     level = logging.WARNING if args.verbose == 0 else logging.INFO if args.verbose == 1 else logging.DEBUG
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    handler = {"bench": _cmd_bench, "run": _cmd_run}[args.command]
+    handler = {"bench": _cmd_bench, "run": _cmd_run, "infer": _cmd_infer}[args.command]
     try:
         return handler(args)
     except EdgekitError as e:

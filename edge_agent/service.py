@@ -108,6 +108,7 @@ class Session:
     backend: Backend
     source: Source
     init_ms: float
+    root: Path | None = None  # the unpacked bundle (members such as labels), valid inside open_session
 
     @property
     def model_ref(self) -> dict[str, Any]:
@@ -131,7 +132,7 @@ def open_session(bundle_path: str | os.PathLike, pubkey: str | os.PathLike | Non
         try:
             src = open_source(source, backend.inputs, manifest.preprocessing)
             try:
-                yield Session(manifest, unpacked.signer, backend, src, init_ms)
+                yield Session(manifest, unpacked.signer, backend, src, init_ms, unpacked.root)
             finally:
                 src.close()
         finally:

@@ -341,10 +341,10 @@ def test_npy_of_wrong_shape(bundles: dict[str, Path], tmp_path: Path) -> None:
     assert json.loads(r.stdout)["error"] == "SourceError"
 
 
-def test_litert_bundle_is_not_available_yet(bundles: dict[str, Path]) -> None:
+def test_litert_bundle_with_a_corrupt_model(bundles: dict[str, Path]) -> None:
     r = agent("bench", "--bundle", str(bundles["litert"]), "--pubkey", str(bundles["pub"]))
-    assert r.returncode == 1
-    assert "engine 'litert' is not available in this edge-agent version yet" in r.stderr
+    assert r.returncode == 2
+    assert "cannot load the model model.tflite" in r.stderr
 
 
 def test_argparse_errors_and_version() -> None:

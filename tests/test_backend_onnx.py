@@ -145,9 +145,9 @@ def test_wrong_feed_is_a_backend_error(mlp: Path) -> None:
         be.run([np.zeros((1, 3), np.float32)])
 
 
-def test_registry_and_litert_not_yet(mlp: Path) -> None:
-    assert REGISTRY == {"onnxruntime": "edge_agent.backends.onnx"}
-    with pytest.raises(BackendError, match="engine 'litert' is not available in this edge-agent version yet"):
+def test_registry_and_litert_refuses_an_onnx_file(mlp: Path) -> None:
+    assert REGISTRY == {"onnxruntime": "edge_agent.backends.onnx", "litert": "edge_agent.backends.tflite"}
+    with pytest.raises(ModelError, match=r"cannot load the model model\.onnx"):
         create_backend(manifest({"engine": "litert"}, engine="litert"), mlp)
 
 

@@ -19,20 +19,19 @@ import numpy as np
 from edge_agent.errors import BackendError, InputError
 from edge_agent.manifest import Manifest, TensorSpec
 
-REGISTRY: dict[str, str] = {"onnxruntime": "edge_agent.backends.onnx"}
-
-# Engines the manifest format knows about but this agent version cannot run yet (no stub modules).
-NOT_YET_AVAILABLE: dict[str, str] = {
-    "litert": "the LiteRT backend arrives in a later edge-agent release; build the bundle for an "
-              "onnxruntime profile (e.g. --profile x86-64) to run it with this agent",
+REGISTRY: dict[str, str] = {
+    "onnxruntime": "edge_agent.backends.onnx",
+    "litert": "edge_agent.backends.tflite",
 }
 
 
 class Backend(Protocol):
     """A loaded model, ready to run.
 
-    ``info()`` returns ``{"engine", "providers_requested", "providers", "delegate", "degraded",
-    "degraded_reason", "threads"}`` where ``providers`` are the ones really in use.
+    ``info()`` returns at least ``{"engine", "providers_requested", "providers", "delegate", "degraded",
+    "degraded_reason", "threads"}`` where ``providers`` are the ones really in use (for LiteRT: the
+    delegates that took at least one node). LiteRT adds ``delegated_nodes`` / ``total_nodes`` ("N of M
+    nodes delegated"), ``delegates``, ``runtime``, ``resized_inputs`` and ``reset_state``.
     """
 
     inputs: tuple[TensorSpec, ...]
@@ -55,9 +54,6 @@ def create_backend(manifest: Manifest, model_path: Path, *, threads: int | None 
     ``threads`` overrides ``runtime.threads`` (the profile's value) when given.
     """
     engine = manifest.engine
-    if engine in NOT_YET_AVAILABLE:
-        raise BackendError(f"engine {engine!r} is not available in this edge-agent version yet",
-                           hint=NOT_YET_AVAILABLE[engine])
     if engine not in REGISTRY:
         raise BackendError(f"unknown engine {engine!r}; this edge-agent runs: {', '.join(sorted(REGISTRY))}",
                            hint="build the bundle for a profile whose runtime.engine this agent supports")
