@@ -212,9 +212,9 @@ def _visible(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if not p.name.startswith("."))
 
 
-def _load_npy(path: Path, where: str) -> np.ndarray:
+def _load_npy(path: Path, where: str, mmap: bool = False) -> np.ndarray:
     try:
-        return np.load(path, allow_pickle=False)
+        return np.load(path, allow_pickle=False, mmap_mode="r" if mmap else None)
     except (OSError, ValueError) as e:
         raise CalibrationError(f"calibration file {where} cannot be read as .npy: {e}",
                                hint="save it with numpy.save") from e
@@ -457,7 +457,8 @@ def load_samples(source: str | Path, spec: TensorSpec, preprocessing: Preprocess
     elif root.is_dir():
         samples = _load_folder(root, spec, shape, preprocessing)
     elif root.suffix.lower() == ".npy":
-        x = _stacked(_load_npy(root, str(root)), spec, shape, str(root))
+        # memory-mapped: only the samples drawn from it are read into memory (see Samples.subset)
+        x = _stacked(_load_npy(root, str(root), mmap=True), spec, shape, str(root))
         samples = Samples(x, None, f"{len(x)} samples from {root}", None)
     elif root.suffix.lower() == ".npz":
         samples = _load_npz(root, spec, shape)
@@ -469,8 +470,8 @@ def load_samples(source: str | Path, spec: TensorSpec, preprocessing: Preprocess
     if len(samples) == 0:
         raise CalibrationError(f"calibration source {root} contains zero samples; "
                                f"{_expected_text(spec, shape)}", hint=_HINT_SOURCE)
-    arrays = np.ascontiguousarray(samples.arrays, dtype=np.float32)
-    if not np.isfinite(arrays).all():
+    arrays = np.ascontiguousarray(samples.arrays, dtype=np.float32)  # a memory map stays one when float32
+    if not all(np.isfinite(arrays[i:i + 256]).all() for i in range(0, len(arrays), 256)):
         raise CalibrationError(f"calibration source {root} contains NaN or infinite values",
                                hint="clean the samples; quantization ranges would be meaningless")
     return replace(samples, arrays=arrays)
@@ -515,3 +516,28 @@ def split(samples: Samples, calib_count: int, val_count: int, seed: int) -> tupl
         "notes": notes,
     }
     return calib, val, info
+
+
+def draw(samples: Samples, count: int, seed: int, what: str) -> tuple[Samples, list[str]]:
+    """Up to ``count`` samples drawn with a seeded shuffle (all of them, in order, when there are fewer).
+
+    For a validation (or calibration) source given on its own, not split from another one. The notes say
+    when fewer samples than asked for were available.
+    """
+    if count < 1:
+        raise CalibrationError(f"the {what} count must be at least 1, got {count}")
+    n = len(samples)
+    if n <= count:
+        index = np.arange(n)
+    else:
+        index = np.sort(np.random.default_rng(seed).permutation(n)[:count])
+    notes = []
+    if n < count:
+        notes.append(f"{what} used {n} samples, not the {count} the profile asks for: the source has only {n}")
+    drawn = samples.subset(index, f"{len(index)} {what} samples drawn from {samples.description}")
+    return drawn, notes
+
+
+def sha256_of(samples: Samples) -> str:
+    """sha256 of the sample arrays (what the report records for the calibration set)."""
+    return hashlib.sha256(np.ascontiguousarray(samples.arrays).tobytes()).hexdigest()

@@ -203,8 +203,15 @@ def _default_key() -> Path:
     return DEFAULT_KEY_DIR / "edgekit-signing.key"
 
 
+def _names(text: str | None) -> tuple[str, ...] | None:
+    """--exclude-nodes a,b -> ("a", "b"); an empty string clears the profile's list."""
+    if text is None:
+        return None
+    return tuple(n.strip() for n in text.split(",") if n.strip())
+
+
 def cmd_convert(args: argparse.Namespace) -> int:
-    from converters.convert import convert
+    from converters.convert import Overrides, convert
 
     model = Path(args.model)
     key = Path(args.key) if args.key else _default_key()
@@ -219,11 +226,17 @@ def cmd_convert(args: argparse.Namespace) -> int:
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
 
+    overrides = Overrides(calib_method=args.calib_method, per_channel=args.per_channel,
+                          exclude_nodes=_names(args.exclude_nodes), exclude_op_types=_names(args.exclude_op_types),
+                          gate_accuracy=args.gate_accuracy, gate_agreement=args.gate_agreement,
+                          gate_snr_db=args.gate_snr, ladder=False if args.no_ladder else None)
+
     def run(progress_cb: Any) -> Any:
         return convert(model, profile, args.calib, out_dir, key, name=args.name, version=args.version,
                        preprocessing=pre, labels=Path(args.labels) if args.labels else None,
                        seed=args.seed, threads=args.threads, progress=progress_cb, mode=args.mode,
-                       allow_float_ops=args.allow_float_ops, label_column=_label_column(args.label_column))
+                       allow_float_ops=args.allow_float_ops, label_column=_label_column(args.label_column),
+                       val=args.val, overrides=overrides)
 
     if args.json or not sys.stderr.isatty():
         result = run(lambda step: print(f"[convert] {step}", file=sys.stderr))
@@ -236,7 +249,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
             result = run(lambda step: progress.update(task, description=f"{profile.name}: {step}"))
     summary = {"bundle": str(result.bundle), "name": result.manifest.name, "version": result.manifest.version,
                "profile": profile.name, "validation": result.manifest.validation,
-               "notes": result.report.get("notes", [])}
+               "ladder": result.report.get("ladder"), "notes": result.report.get("notes", [])}
     if args.json:
         _print_json(summary)
         return 0
@@ -257,9 +270,21 @@ def _print_convert_table(summary: dict[str, Any]) -> None:
     table.add_column("figure")
     table.add_column("value", justify="right")
     for k, v in summary["validation"].items():
+        if isinstance(v, dict):  # the gate's verdict
+            v = f"{'passed' if v.get('passed') else 'FAILED'}: {v.get('metric')} {_fmt(v.get('value'))} " \
+                f"(threshold {_fmt(v.get('threshold'))})"
         table.add_row(k, _fmt(v))
     console = _console()
     console.print(table)
+    ladder = summary.get("ladder") or {}
+    if ladder.get("ran"):
+        steps = Table(title="recovery ladder (the gate failed with the first settings)")
+        for col in ("rung", "settings", "metric", "value", "passed", "seconds"):
+            steps.add_column(col)
+        for a in ladder["attempts"]:
+            steps.add_row(a["rung"], a["describe"], a["metric"] or "-", _fmt(a["value"]),
+                          "yes" if a["passed"] else "no", _fmt(a["seconds"]))
+        console.print(steps)
     for note in summary["notes"]:
         console.print(f"note: {note}")
     console.print(f"bundle: [bold]{summary['bundle']}[/bold]")
@@ -328,7 +353,31 @@ def build_parser() -> argparse.ArgumentParser:
                     help="TFLite int8: keep ops without an int8 kernel in float (listed in the report) instead "
                          "of failing")
     cv.add_argument("--label-column", metavar="N|NAME",
-                    help="CSV calibration source: the label column, a 0-based index or a header name")
+                    help="CSV calibration/validation source: the label column, a 0-based index or a header name")
+    cv.add_argument("--val", metavar="SRC",
+                    help="validation source, separate from --calib (same kinds; labels from class subfolders, "
+                         ".npz 'y' or --label-column); default: a seeded split of --calib")
+    q = cv.add_argument_group("quantization and the accuracy gate (default: the profile's quantization section)")
+    q.add_argument("--calib-method", choices=["minmax", "entropy", "percentile"],
+                   help="how activation ranges are calibrated (ONNX; TFLite has minmax only)")
+    pc = q.add_mutually_exclusive_group()
+    pc.add_argument("--per-channel", dest="per_channel", action="store_const", const=True, default=None,
+                    help="per-channel weight scales")
+    pc.add_argument("--per-tensor", dest="per_channel", action="store_const", const=False,
+                    help="one weight scale per tensor")
+    q.add_argument("--exclude-nodes", metavar="A,B",
+                   help="nodes kept in float: ONNX node names (after onnxruntime's pre-processing), TFLite tensor "
+                        "names")
+    q.add_argument("--exclude-op-types", metavar="T,U",
+                   help="op types kept in float, e.g. Softmax (ONNX) or SOFTMAX (TFLite)")
+    q.add_argument("--gate-accuracy", type=float, metavar="RATIO",
+                   help="with labels: quantized accuracy must be >= RATIO x fp32 accuracy (default 0.99)")
+    q.add_argument("--gate-agreement", type=float, metavar="A",
+                   help="without labels: top-1 agreement with fp32 must be >= A (default 0.99)")
+    q.add_argument("--gate-snr", type=float, metavar="DB",
+                   help="outputs that are not class scores: SNR against fp32 must be >= DB (default 20)")
+    q.add_argument("--no-ladder", action="store_true",
+                   help="when the gate fails, stop (exit 1) instead of trying the recovery ladder")
     g = cv.add_argument_group("image preprocessing (recorded in the bundle, applied on the device)")
     g.add_argument("--size", help="HEIGHTxWIDTH the model expects")
     g.add_argument("--color", choices=["gray", "rgb", "bgr"])

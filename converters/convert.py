@@ -38,12 +38,15 @@ from typing import Any
 
 import numpy as np
 
-from converters.calibration import Samples, fixed_shape, load_samples, split
+from converters.calibration import Samples, draw, fixed_shape, load_samples, sha256_of, split
+from converters.gate import GateResult, gate, json_number
+from converters.ladder import INITIAL, METHODS, Attempt, LadderBackend, LayerError, QuantSettings, attempts_table
+from converters.ladder import run_ladder as climb_ladder
 from converters.onnx_int8 import convert_onnx_model, inspect_onnx, session
 from converters.tflite_int8 import source_kind
 from converters.validate import compare_onnx
 from edge_agent import __version__ as EDGEKIT_VERSION
-from edge_agent.errors import BundleError, CalibrationError, InputError, ModelError
+from edge_agent.errors import BundleError, CalibrationError, ConversionError, GateError, InputError, ModelError
 from edge_agent.manifest import Manifest, TensorSpec, parse_manifest
 from edge_agent.preprocess import Preprocessing
 from edge_agent.profiles import QUANT_MODES, Profile, QuantizationSection
@@ -70,13 +73,14 @@ class _Steps:
 
     @contextmanager
     def step(self, name: str) -> Iterator[None]:
-        if self.progress is not None:
+        """Time a step; a step entered again adds to its time (progress is told the first time only)."""
+        if self.progress is not None and name not in self.timings:
             self.progress(name)
         t0 = time.perf_counter()
         try:
             yield
         finally:
-            self.timings[name] = round(time.perf_counter() - t0, 3)
+            self.timings[name] = round(self.timings.get(name, 0.0) + time.perf_counter() - t0, 3)
 
 
 def _check_args(model: Path, profile: Profile, name: str, version: str) -> str:
@@ -129,6 +133,58 @@ def _quantization(profile: Profile, mode: str | None, notes: list[str]) -> Quant
         text += f"; inputs and outputs are float32 (the profile's {q.io_dtype} I/O needs mode int8)"
     notes.append(text)
     return dataclasses.replace(q, mode=mode, io_dtype=io_dtype)
+
+
+@dataclass(frozen=True)
+class Overrides:
+    """Command-line overrides of the profile's quantization section (None = keep the profile's)."""
+
+    calib_method: str | None = None
+    per_channel: bool | None = None
+    exclude_nodes: tuple[str, ...] | None = None
+    exclude_op_types: tuple[str, ...] | None = None
+    gate_accuracy: float | None = None
+    gate_agreement: float | None = None
+    gate_snr_db: float | None = None
+    ladder: bool | None = None
+
+
+_OVERRIDES = {  # Overrides field -> (QuantizationSection field, option)
+    "calib_method": ("calibration_method", "--calib-method"),
+    "per_channel": ("per_channel", "--per-channel/--per-tensor"),
+    "exclude_nodes": ("exclude_nodes", "--exclude-nodes"),
+    "exclude_op_types": ("exclude_op_types", "--exclude-op-types"),
+    "gate_accuracy": ("gate_min_accuracy_ratio", "--gate-accuracy"),
+    "gate_agreement": ("gate_min_agreement", "--gate-agreement"),
+    "gate_snr_db": ("gate_min_snr_db", "--gate-snr"),
+    "ladder": ("ladder", "--no-ladder"),
+}
+
+
+def _apply_overrides(q: QuantizationSection, o: Overrides, notes: list[str]) -> QuantizationSection:
+    if o.calib_method is not None and o.calib_method not in METHODS:
+        raise InputError(f"calibration method {o.calib_method!r} is not one of {', '.join(METHODS)}",
+                         hint="pass --calib-method minmax, entropy or percentile")
+    for name, value in (("--gate-accuracy", o.gate_accuracy), ("--gate-agreement", o.gate_agreement)):
+        if value is not None and not 0 <= value <= 1:
+            raise InputError(f"{name} {value} must be between 0 and 1", hint=f"e.g. {name} 0.99")
+    changes: dict[str, Any] = {}
+    for attr, (field_name, option) in _OVERRIDES.items():
+        value = getattr(o, attr)
+        if value is None:
+            continue
+        if isinstance(value, list):
+            value = tuple(value)
+        if value != getattr(q, field_name):
+            shown = list(value) if isinstance(value, tuple) else value
+            notes.append(f"{option} sets quantization.{field_name} = {shown!r} (the profile has "
+                         f"{_shown(getattr(q, field_name))!r})")
+        changes[field_name] = value
+    return dataclasses.replace(q, **changes) if changes else q
+
+
+def _shown(v: Any) -> Any:
+    return list(v) if isinstance(v, tuple) else v
 
 
 def _single_float_input(model: Path, inputs: list[TensorSpec]) -> TensorSpec:
@@ -192,9 +248,9 @@ def _check_label_count(labels: list[str] | None, outputs: list[TensorSpec], path
 
 
 def _finite(value: Any) -> Any:
-    """JSON-safe: non-finite floats become None, recursively."""
+    """JSON-safe, recursively: +inf -> "inf", -inf -> "-inf", NaN -> None (``gate.json_number``)."""
     if isinstance(value, float) and not math.isfinite(value):
-        return None
+        return json_number(value)
     if isinstance(value, dict):
         return {k: _finite(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
@@ -211,6 +267,7 @@ def _summary(v: dict[str, Any]) -> dict[str, Any]:
         "top1_agreement": agreement,
         "max_abs_error": max(o["max_abs_error"] for o in outputs),
         "mean_abs_error": max(o["mean_abs_error"] for o in outputs),
+        "snr_db": min(o["snr_db"] for o in outputs),
         "accuracy_fp32": v["accuracy_fp32"],
         "accuracy_quant": v["accuracy_quant"],
         "fp32_p50_ms": v["fp32_p50_ms"],
@@ -282,20 +339,66 @@ def _quant_notes(profile: Profile, q: QuantizationSection) -> tuple[bool, list[s
     return symmetric, notes
 
 
-def _calibration(calib: str, spec: TensorSpec, preprocessing: Preprocessing | None, label_column: str | int | None,
-                 label_names: list[str] | None, q: QuantizationSection, seed: int,
-                 notes: list[str]) -> tuple[Samples, Samples, Samples, dict[str, Any]]:
-    """(all samples, calibration subset, validation subset, calibration info) of the source."""
-    samples = load_samples(calib, spec, preprocessing, label_column=label_column)
+def _derived_note(samples: Samples, spec: TensorSpec, preprocessing: Preprocessing | None,
+                  notes: list[str]) -> None:
     if preprocessing is None and samples.preprocessing is not None:
         pre = samples.preprocessing
         notes.append(f"image preprocessing was derived from the input shape {list(spec.shape)}: "
                      f"{pre.layout}, {pre.color}, {pre.size[0]}x{pre.size[1]}, pixel x {pre.scale:.6g}, "
                      f"mean {list(pre.mean)}, std {list(pre.std)}; give the preprocessing explicitly "
                      "if the model was trained otherwise")
-    samples = _relabel(samples, label_names, notes)
-    cal, val, cal_info = split(samples, q.calibration_samples, q.validation_samples, seed)
-    notes.extend(cal_info.pop("notes"))
+
+
+def _within_memory(cal: Samples, bound_mb: int, seed: int, notes: list[str]) -> Samples:
+    """The calibration samples, fewer (a seeded draw) when they alone would exceed the memory bound."""
+    per_sample = int(cal.arrays[0].nbytes) if len(cal) else 0
+    fit = max(1, (bound_mb * 2**20) // max(per_sample, 1))
+    if len(cal) <= fit:
+        return cal
+    kept, _ = draw(cal, fit, seed, "calibration")
+    notes.append(f"calibration used {fit} of the {len(cal)} samples drawn: {len(cal)} samples of "
+                 f"{per_sample / 2**20:.2f} MB would exceed quantization.max_calibration_memory_mb = {bound_mb}")
+    return kept
+
+
+def _calibration(job: _Job, spec: TensorSpec, q: QuantizationSection,
+                 notes: list[str]) -> tuple[Samples, Samples, Samples, dict[str, Any]]:
+    """(all samples of --calib, calibration subset, validation samples, calibration info).
+
+    Without ``--val`` the validation samples are split from the calibration source (seeded, disjoint); with
+    it they are drawn from that source and calibration uses the calibration source alone.
+    """
+    calib_is_csv = Path(job.calib).suffix.lower() == ".csv"
+    val_is_csv = job.val is not None and Path(job.val).suffix.lower() == ".csv"
+    calib_column = job.label_column if calib_is_csv or not val_is_csv else None
+    samples = load_samples(job.calib, spec, job.preprocessing, label_column=calib_column)
+    _derived_note(samples, spec, job.preprocessing, notes)
+    samples = _relabel(samples, job.label_names, notes)
+    if job.val is None:
+        cal, val, cal_info = split(samples, q.calibration_samples, q.validation_samples, job.seed)
+        notes.extend(cal_info.pop("notes"))
+        labelled = " (labelled)" if samples.labels is not None else ""
+        notes.append(f"validation split from the calibration source (seed {job.seed}): {len(val)} of its "
+                     f"{len(samples)} samples{labelled} validate, {len(cal)} calibrate, none in both; give "
+                     "--val SRC for a separate validation source")
+        cal_info["validation_source"] = "split from the calibration source"
+    else:
+        val_column = job.label_column if val_is_csv else None
+        vsamples = load_samples(job.val, spec, samples.preprocessing or job.preprocessing, label_column=val_column)
+        vsamples = _relabel(vsamples, job.label_names, notes if samples.class_names is None else [])
+        cal, cal_notes = draw(samples, q.calibration_samples, job.seed, "calibration")
+        val, val_notes = draw(vsamples, q.validation_samples, job.seed, "validation")
+        notes.extend(cal_notes + val_notes)
+        if vsamples.labels is None:
+            notes.append(f"the validation source {job.val} has no labels: the fp32 model's outputs are the "
+                         "reference (top-1 agreement, errors, SNR)")
+        cal_info = {"count": len(cal), "validation_count": len(val), "available": len(samples),
+                    "seed": job.seed, "sha256": sha256_of(cal), "source": samples.description,
+                    "validation_source": vsamples.description}
+    kept = _within_memory(cal, q.max_calibration_memory_mb, job.seed, notes)
+    if kept is not cal:
+        cal = kept
+        cal_info.update(count=len(cal), sha256=sha256_of(cal))
     return samples, cal, val, cal_info
 
 
@@ -327,6 +430,7 @@ class _Job:
     steps: _Steps
     notes: list[str]
     latency_runs: int
+    val: str | None = None
 
 
 def _package(job: _Job, model_member: str, model_file: Path, fmt: str, engine: str, tools: dict[str, str],
@@ -352,7 +456,8 @@ def _package(job: _Job, model_member: str, model_file: Path, fmt: str, engine: s
         "golden": {"inputs": "golden/inputs.npz", "outputs": "golden/outputs.npz", "atol": atol},
         "report": "report.json",
         "quantization": quantization,
-        "validation": _summary(validation),
+        "validation": {**_summary(validation), "gate": _compact_gate(validation.get("gate")),
+                       "ladder_rung": validation.get("ladder_rung")},
     }
     if "xnnpack" in validation:  # TFLite: how much of the model XNNPACK took on the host
         manifest_fields["validation"]["xnnpack_delegated_nodes"] = validation["xnnpack"]["delegated_nodes"]
@@ -378,24 +483,32 @@ def convert(model: Path, profile: Profile, calib: str, out_dir: Path, key: Path,
             version: str = "1.0.0", preprocessing: Preprocessing | None = None, labels: Path | None = None,
             seed: int = 0, threads: int | None = None, progress: Callable[[str], None] | None = None,
             latency_runs: int = 200, mode: str | None = None, allow_float_ops: bool = False,
-            label_column: str | int | None = None) -> ConvertResult:
-    """Quantize ``model`` for ``profile``, validate it against the float model, and write a signed bundle.
+            label_column: str | int | None = None, val: str | None = None,
+            overrides: Overrides | None = None) -> ConvertResult:
+    """Quantize ``model`` for ``profile``, validate it against the float model, gate it, and write a signed bundle.
 
     The bundle is ``out_dir / f"{name}-{version}-{profile.name}.edgebundle"``. ``mode`` overrides the
     profile's quantization mode; ``allow_float_ops`` lets a full-integer TFLite model keep ops that have no
-    int8 kernel in float (listed in the report); ``label_column`` names the label column of a CSV source.
+    int8 kernel in float (listed in the report); ``label_column`` names the label column of a CSV source;
+    ``val`` is a validation source separate from ``calib`` (else validation samples are split from it);
+    ``overrides`` replace quantization settings and gate thresholds of the profile.
+
+    When the quantized model fails the accuracy gate (``converters.gate``), the recovery ladder
+    (``converters.ladder``) runs unless it is turned off; when nothing passes, a ``GateError`` (exit 1)
+    carries the table of what was tried and no bundle is written.
     """
     model = Path(model)
     name = name or model.stem
     fmt = _check_args(model, profile, name, version)
     notes: list[str] = []
     q = _quantization(profile, mode, notes)
+    q = _apply_overrides(q, overrides or Overrides(), notes)
     label_names = _read_labels(Path(labels)) if labels is not None else None
     job = _Job(model=model, profile=profile, q=q, calib=calib, out_dir=Path(out_dir), key=Path(key), name=name,
                version=version, preprocessing=preprocessing, labels=Path(labels) if labels is not None else None,
                label_names=label_names, label_column=label_column, seed=seed,
                threads=threads or min(profile.runtime.threads, os.cpu_count() or 1), steps=_Steps(progress),
-               notes=notes, latency_runs=latency_runs)
+               notes=notes, latency_runs=latency_runs, val=val)
     if fmt == "onnx":
         if allow_float_ops:
             notes.append("--allow-float-ops applies to TFLite conversion only; onnxruntime's QDQ models keep "
@@ -404,7 +517,122 @@ def convert(model: Path, profile: Profile, calib: str, out_dir: Path, key: Path,
     return _convert_tflite(job, allow_float_ops)
 
 
+# --------------------------------------------------------------------------------------------------
+# the gate and the recovery ladder (both formats)
+
+
+def _judge(q: QuantizationSection) -> Callable[[dict[str, Any]], GateResult]:
+    def judge(quality: dict[str, Any]) -> GateResult:
+        return gate(quality, min_accuracy_ratio=q.gate_min_accuracy_ratio, min_agreement=q.gate_min_agreement,
+                    min_snr_db=q.gate_min_snr_db)
+
+    return judge
+
+
+def _initial_settings(q: QuantizationSection) -> QuantSettings:
+    return QuantSettings(per_channel=q.per_channel, method=q.calibration_method,
+                         exclude_nodes=tuple(q.exclude_nodes), exclude_op_types=tuple(q.exclude_op_types))
+
+
+def _gate_error(job: _Job, attempts: list[Attempt], worst: list[LayerError], why: str) -> GateError:
+    g = attempts[0].gate
+    rule = f"{g.metric} >= {g.threshold}" if g is not None else "the gate"
+    table = attempts_table(attempts, worst)
+    hints = {
+        "accuracy_ratio": "--gate-accuracy RATIO (or quantization.gate_min_accuracy_ratio)",
+        "top1_agreement": "--gate-agreement A (or quantization.gate_min_agreement)",
+        "snr_db": "--gate-snr DB (or quantization.gate_min_snr_db)",
+    }
+    lower = hints.get(g.metric if g is not None else "", "the gate thresholds")
+    return GateError(
+        f"the quantized model failed the accuracy gate ({rule}) {why}; no bundle was written\n{table}",
+        hint=f"keep the worst layers in float with --exclude-nodes, try --mode dynamic or none, give more "
+             f"representative calibration data, or lower the threshold with {lower} if the loss is acceptable",
+        attempts=_finite([a.to_dict() for a in attempts]), worst_layers=_finite([w.to_dict() for w in worst[:10]]),
+    )
+
+
+def _gate_and_ladder(job: _Job, first: Attempt, backend: LadderBackend | None,
+                     work: Path) -> tuple[Attempt, dict[str, Any]]:
+    """The attempt to package and the report's ``ladder`` section; a GateError when nothing passes."""
+    if first.passed:
+        return first, {"ran": False, "passed_rung": INITIAL, "attempts": [first.to_dict()]}
+    assert first.gate is not None
+    if not job.q.ladder or backend is None:
+        why = ("and the recovery ladder is off (--no-ladder or quantization.ladder = false)" if backend is not None
+               else f"and the recovery ladder applies to static int8 quantization only (mode {job.q.mode!r})")
+        worst: list[LayerError] = []
+        if backend is not None and first.model is not None:
+            try:
+                worst = backend.layer_errors(first.model, first.settings)
+            except ConversionError as e:  # the gate's verdict stands; say why the layers are not listed
+                why += f" (the worst layers cannot be listed: {e.message})"
+        raise _gate_error(job, [first], worst, why)
+    with job.steps.step("ladder"):
+        result = climb_ladder(backend, first, _judge(job.q), work, job.steps.progress)
+    ladder = {"ran": True, "passed_rung": result.passed.rung if result.passed else None,
+              "attempts": [a.to_dict() for a in result.attempts],
+              "worst_layers": [w.to_dict() for w in result.worst_layers[:10]]}
+    if result.passed is None:
+        raise _gate_error(job, result.attempts, result.worst_layers,
+                          "and no rung of the recovery ladder passed it")
+    chosen = result.passed
+    assert chosen.gate is not None
+    job.notes.append(f"the model quantized with the first settings ({first.settings.describe()}) failed the "
+                     f"accuracy gate: {first.gate.reason}; the recovery ladder's rung {chosen.rung!r} "
+                     f"({chosen.settings.describe()}) passed it: {chosen.gate.reason}")
+    if chosen.settings.float_layers:
+        kept = set(chosen.settings.float_nodes)
+        fixed = [w for w in result.worst_layers if w.nodes and set(w.nodes) <= kept]
+        job.notes.append(f"the ladder keeps {len(chosen.settings.float_layers)} node(s) in float so that the "
+                         f"activation(s) with the largest quantization error stay float: "
+                         f"{', '.join(f'{w.name} ({w.error_db:.1f} dB)' for w in fixed) or '-'}")
+    return chosen, ladder
+
+
+def _compact_gate(g: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The gate's verdict for the manifest: passed, metric, value, threshold (the reason is in the report)."""
+    if g is None:
+        return None
+    return _finite({k: g[k] for k in ("passed", "metric", "value", "threshold")})
+
+
+class _OnnxLadder:
+    """The recovery ladder's ONNX backend: onnxruntime QDQ quantization of the prepared model."""
+
+    methods = METHODS
+
+    def __init__(self, job: _Job, prepared: Any, cal: Samples, val: Samples, input_name: str, symmetric: bool,
+                 reference: tuple[list[str], list[np.ndarray]], work: Path) -> None:
+        self.job, self.prepared, self.cal, self.val = job, prepared, cal, val
+        self.input_name, self.symmetric, self.reference, self.work = input_name, symmetric, reference, work
+        self.node_count = len(prepared.nodes)
+
+    def quantize(self, settings: QuantSettings, dst: Path) -> list[str]:
+        from converters.onnx_int8 import quantize_prepared
+
+        return quantize_prepared(self.prepared, self.job.model, dst, self.cal.arrays, self.input_name,
+                                 per_channel=settings.per_channel, method=settings.method, workdir=self.work,
+                                 symmetric_activations=self.symmetric, exclude_nodes=settings.float_nodes,
+                                 exclude_op_types=settings.exclude_op_types,
+                                 max_memory_mb=self.job.q.max_calibration_memory_mb)
+
+    def evaluate(self, model: Path) -> dict[str, Any]:
+        from converters.validate import quality_onnx
+
+        return quality_onnx(model, self.val, self.reference, self.job.threads)
+
+    def layer_errors(self, model: Path, settings: QuantSettings) -> list[LayerError]:
+        from converters.onnx_int8 import layer_errors
+
+        return layer_errors(self.prepared, model, self.val.arrays, self.input_name, self.work,
+                            max_memory_mb=self.job.q.max_calibration_memory_mb)
+
+
 def _convert_onnx(job: _Job) -> ConvertResult:
+    from converters.onnx_int8 import prepare_static
+    from converters.validate import onnx_outputs, quality_onnx
+
     model, q, steps, notes = job.model, job.q, job.steps, job.notes
     with steps.step("inspect"):
         inputs, outputs, opset = inspect_onnx(model)
@@ -412,31 +640,59 @@ def _convert_onnx(job: _Job) -> ConvertResult:
         _check_label_count(job.label_names, outputs, job.labels)
 
     with steps.step("calibration"):
-        samples, cal, val, cal_info = _calibration(job.calib, spec, job.preprocessing, job.label_column,
-                                                   job.label_names, q, job.seed, notes)
+        samples, cal, val, cal_info = _calibration(job, spec, q, notes)
 
     with tempfile.TemporaryDirectory(prefix="edgekit-convert-") as tmp:
         work = Path(tmp)
-        quant = work / "model.onnx"
+        backend: _OnnxLadder | None = None
+        settings = _initial_settings(q)
         with steps.step("quantize"):
+            t0 = time.perf_counter()
             symmetric, profile_notes = _quant_notes(job.profile, q)
             notes.extend(profile_notes)
-            notes.extend(convert_onnx_model(model, quant, q.mode, cal.arrays, spec.name,
-                                            per_channel=q.per_channel, method=q.calibration_method,
-                                            workdir=work, symmetric_activations=symmetric))
-            q_inputs, q_outputs, q_opset = inspect_onnx(quant)
+            first_model = work / "attempt0.onnx"
+            if q.mode == "int8":
+                prepared = prepare_static(model, work)
+                notes.extend(prepared.notes)
+                backend = _OnnxLadder(job, prepared, cal, val, spec.name, symmetric, ([], []), work)
+                first_notes = backend.quantize(settings, first_model)
+            else:
+                if q.exclude_nodes or q.exclude_op_types:
+                    notes.append(f"exclude_nodes / exclude_op_types apply to static int8 only (mode {q.mode!r})")
+                first_notes = convert_onnx_model(model, first_model, q.mode, cal.arrays, spec.name,
+                                                 per_channel=q.per_channel, method=q.calibration_method,
+                                                 workdir=work, symmetric_activations=symmetric)
+            quantize_s = time.perf_counter() - t0
 
         with steps.step("validate"):
+            t0 = time.perf_counter()
+            reference = onnx_outputs(model, val.arrays, job.threads, "fp32")
+            if backend is not None:
+                backend.reference = reference
+            quality = quality_onnx(first_model, val, reference, job.threads)
+            first = Attempt(INITIAL, settings, _judge(q)(quality), quantize_s + time.perf_counter() - t0,
+                            first_model, quality, first_notes)
+        chosen, ladder = _gate_and_ladder(job, first, backend, work)
+        notes.extend(chosen.notes)
+        assert chosen.model is not None
+        with steps.step("ladder" if ladder["ran"] else "validate"):  # latency: of the model packaged only
+            quant = work / "model.onnx"
+            os.replace(chosen.model, quant)
+            q_inputs, q_outputs, q_opset = inspect_onnx(quant)
             validation = compare_onnx(model, quant, val, job.threads, runs=job.latency_runs)
             _speed_note(validation, q.mode, notes)
 
         with steps.step("golden"):
             golden_in, golden_out, atol = _golden(quant, val, spec.name)
 
-        pre = samples.preprocessing or job.preprocessing
+        pre = samples.preprocessing or val.preprocessing or job.preprocessing
         calibration = {"count": cal_info["count"], "seed": job.seed, "sha256": cal_info["sha256"]}
-        quantization = {"mode": q.mode, "per_channel": q.per_channel, "method": q.calibration_method,
-                        "format": "QDQ" if q.mode == "int8" else q.mode, "calibration": calibration}
+        cs = chosen.settings
+        quantization = {"mode": q.mode, "per_channel": cs.per_channel, "method": cs.method,
+                        "format": "QDQ" if q.mode == "int8" else q.mode, "calibration": calibration,
+                        "float_nodes": list(cs.float_nodes), "exclude_op_types": list(cs.exclude_op_types)}
+        validation["gate"] = chosen.gate.to_dict() if chosen.gate else None
+        validation["ladder_rung"] = chosen.rung
         report: dict[str, Any] = _finite({
             "schema": REPORT_SCHEMA,
             "name": job.name,
@@ -448,6 +704,8 @@ def _convert_onnx(job: _Job) -> ConvertResult:
             "quantization": quantization,
             "calibration": cal_info,
             "validation": validation,
+            "gate": validation["gate"],
+            "ladder": ladder,
             "golden": {"count": len(golden_in[spec.name]), "atol": atol,
                        "note": "outputs of the quantized model on this host; the device smoke test must match "
                                "them within atol = max(1e-4, 2% of the largest golden output)"},
@@ -506,9 +764,52 @@ def _tflite_tools(extra: dict[str, str]) -> dict[str, str]:
     return {"edgekit": EDGEKIT_VERSION, **tf_versions(), **extra, "numpy": np.__version__}
 
 
+class _TFLiteLadder:
+    """The recovery ladder's TFLite backend: calibrate once, then re-quantize with TFLite's MLIR quantizer."""
+
+    methods = ("minmax",)
+
+    def __init__(self, job: _Job, source: Any, cal: Samples, val: Samples, allow_float_ops: bool, edgetpu: bool,
+                 fp32: Path, reference: tuple[list[str], list[np.ndarray]], node_count: int) -> None:
+        self.job, self.source, self.cal, self.val = job, source, cal, val
+        self.allow_float_ops, self.edgetpu, self.fp32, self.reference = allow_float_ops, edgetpu, fp32, reference
+        self.node_count = node_count
+        self.calibrated: bytes | None = None
+        self.conversions: dict[Path, Any] = {}
+
+    def quantize(self, settings: QuantSettings, dst: Path) -> list[str]:
+        from converters.tflite_int8 import calibrate_tflite, convert_tflite_model
+
+        q = self.job.q
+        if self.source.kind != "tflite" and self.calibrated is None:
+            self.calibrated = calibrate_tflite(self.source.saved_model, self.cal.arrays)
+        conversion = convert_tflite_model(self.source, dst, "int8", self.cal.arrays, io_dtype=q.io_dtype,
+                                          per_channel=settings.per_channel, method=settings.method,
+                                          allow_float_ops=self.allow_float_ops, edgetpu=self.edgetpu,
+                                          float_nodes=settings.float_nodes,
+                                          float_op_types=settings.exclude_op_types, calibrated=self.calibrated)
+        self.conversions[Path(dst)] = conversion
+        return conversion.notes
+
+    def evaluate(self, model: Path) -> dict[str, Any]:
+        from converters.validate_tflite import quality_tflite
+
+        return quality_tflite(model, self.val, self.reference, self.job.threads)
+
+    def layer_errors(self, model: Path, settings: QuantSettings) -> list[LayerError]:
+        from converters.tflite_int8 import tflite_layer_errors
+
+        if self.source.kind == "tflite":
+            raise ConversionError("keeping layers in float needs the Keras/SavedModel source; a .tflite source is "
+                                  "quantized by ai-edge-quantizer")
+        return tflite_layer_errors(self.source, Path(model).read_bytes(), self.cal.arrays, self.val.arrays,
+                                   io_dtype=self.job.q.io_dtype, per_channel=settings.per_channel,
+                                   float_nodes=settings.float_nodes, float_op_types=settings.exclude_op_types)
+
+
 def _convert_tflite(job: _Job, allow_float_ops: bool) -> ConvertResult:
-    from converters.tflite_int8 import convert_tflite_model, float_reference, prepare_source, tflite_io
-    from converters.validate_tflite import compare_tflite
+    from converters.tflite_int8 import convert_tflite_model, float_reference, op_counts, prepare_source, tflite_io
+    from converters.validate_tflite import compare_tflite, quality_tflite, tflite_outputs
 
     model, q, steps, notes, profile = job.model, job.q, job.steps, job.notes, job.profile
     edgetpu = "edgetpu" in profile.runtime.delegates
@@ -525,19 +826,43 @@ def _convert_tflite(job: _Job, allow_float_ops: bool) -> ConvertResult:
             _check_label_count(job.label_names, source.outputs, job.labels)
 
         with steps.step("calibration"):
-            samples, cal, val, cal_info = _calibration(job.calib, spec, job.preprocessing, job.label_column,
-                                                       job.label_names, q, job.seed, notes)
+            samples, cal, val, cal_info = _calibration(job, spec, q, notes)
 
-        quant, fp32 = work / "model.tflite", work / "fp32.tflite"
+        first_model, fp32 = work / "attempt0.tflite", work / "fp32.tflite"
+        settings = _initial_settings(q)
         with steps.step("quantize"):
-            conversion = convert_tflite_model(source, quant, q.mode, cal.arrays, io_dtype=q.io_dtype,
+            t0 = time.perf_counter()
+            int8 = q.mode == "int8"
+            conversion = convert_tflite_model(source, first_model, q.mode, cal.arrays, io_dtype=q.io_dtype,
                                               per_channel=q.per_channel, method=q.calibration_method,
-                                              allow_float_ops=allow_float_ops, edgetpu=edgetpu)
-            notes.extend(conversion.notes)
+                                              allow_float_ops=allow_float_ops, edgetpu=edgetpu,
+                                              float_nodes=settings.exclude_nodes if int8 else (),
+                                              float_op_types=settings.exclude_op_types if int8 else ())
+            if not int8 and (q.exclude_nodes or q.exclude_op_types):
+                notes.append(f"exclude_nodes / exclude_op_types apply to int8 only (mode {q.mode!r})")
             float_reference(source, fp32)
-            q_inputs, q_outputs = tflite_io(quant)
+            quantize_s = time.perf_counter() - t0
 
         with steps.step("validate"):
+            t0 = time.perf_counter()
+            reference = tflite_outputs(fp32, val.arrays, job.threads, "fp32")
+            quality = quality_tflite(first_model, val, reference, job.threads)
+            first = Attempt(INITIAL, settings, _judge(q)(quality), quantize_s + time.perf_counter() - t0,
+                            first_model, quality, conversion.notes)
+        backend = None
+        if int8:
+            nodes = sum(n for op, n in op_counts(first_model).items() if op not in ("QUANTIZE", "DEQUANTIZE"))
+            backend = _TFLiteLadder(job, source, cal, val, allow_float_ops, edgetpu, fp32, reference, nodes)
+            backend.conversions[first_model] = conversion
+        chosen, ladder = _gate_and_ladder(job, first, backend, work)
+        if backend is not None and chosen.model is not None:
+            conversion = backend.conversions[Path(chosen.model)]
+        notes.extend(chosen.notes)
+        assert chosen.model is not None
+        quant = work / "model.tflite"
+        with steps.step("ladder" if ladder["ran"] else "validate"):  # latency: of the model packaged only
+            os.replace(chosen.model, quant)
+            q_inputs, q_outputs = tflite_io(quant)
             validation = compare_tflite(fp32, quant, val, job.threads, runs=job.latency_runs)
             _speed_note(validation, q.mode, notes)
             xnn = validation["xnnpack"]
@@ -548,18 +873,26 @@ def _convert_tflite(job: _Job, allow_float_ops: bool) -> ConvertResult:
                 notes.append("validated on this host's CPU with LiteRT + XNNPACK: the Edge TPU delegate "
                              "(libedgetpu) is not used here, and compiling the model for the Edge TPU "
                              "(edgetpu_compiler) is a later step")
+            if edgetpu and conversion.kept_float:
+                notes.append(f"the Edge TPU runs integer ops only: the {len(conversion.kept_float)} op(s) kept in "
+                             "float, and every op after the first of them, will run on the CPU")
 
         with steps.step("golden"):
             golden_in, golden_out, atol = _golden_tflite(quant, val)
 
-        pre = samples.preprocessing or job.preprocessing
+        pre = samples.preprocessing or val.preprocessing or job.preprocessing
         io_dtype = q_inputs[0].dtype if q.mode == "int8" else "float32"
-        quantization = {"mode": q.mode, "per_channel": q.per_channel, "method": "minmax",
+        cs = chosen.settings
+        quantization = {"mode": q.mode, "per_channel": cs.per_channel, "method": "minmax",
                         "format": "tflite-" + ("full-integer" if q.mode == "int8" else q.mode),
                         "io_dtype": io_dtype, "allow_float_ops": allow_float_ops,
                         "float_ops": [op.op for op in conversion.float_ops],
+                        "float_nodes": list(cs.float_nodes), "exclude_op_types": list(cs.exclude_op_types),
+                        "kept_float_ops": [op.op for op in conversion.kept_float],
                         "calibration": {"count": cal_info["count"], "seed": job.seed,
                                         "sha256": cal_info["sha256"]}}
+        validation["gate"] = chosen.gate.to_dict() if chosen.gate else None
+        validation["ladder_rung"] = chosen.rung
         report: dict[str, Any] = _finite({
             "schema": REPORT_SCHEMA,
             "name": job.name,
@@ -570,8 +903,11 @@ def _convert_tflite(job: _Job, allow_float_ops: bool) -> ConvertResult:
                              "outputs": [t.to_dict() for t in source.outputs]},
             "quantization": quantization,
             "float_ops": [op.to_dict() for op in conversion.float_ops],
+            "kept_float_ops": [op.to_dict() for op in conversion.kept_float],
             "calibration": cal_info,
             "validation": validation,
+            "gate": validation["gate"],
+            "ladder": ladder,
             "golden": {"count": len(next(iter(golden_in.values()))), "atol": atol,
                        "dtype": {k: str(v.dtype) for k, v in golden_out.items()},
                        "note": "raw outputs (the model's own dtype) of the quantized model with LiteRT on this "

@@ -95,11 +95,16 @@ class TFLiteSource:
 
 @dataclass(frozen=True)
 class TFLiteConversion:
-    """What convert_tflite_model did: notes for the report, ops left in float, tools used."""
+    """What convert_tflite_model did: notes for the report, ops left in float, tools used.
+
+    ``kept_float`` are the float ops asked for (``float_nodes`` / ``float_op_types``: the user's exclusions
+    and the recovery ladder's layers); they are not in ``float_ops`` and never fail the no-float-ops check.
+    """
 
     notes: list[str]
     float_ops: list[FloatOp]
     tools: dict[str, str]
+    kept_float: list[FloatOp] = field(default_factory=list)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -465,8 +470,15 @@ def _converter_failure(e: BaseException, mode: str) -> ConversionError:
                                 "edgekit issue tracker if it does")
 
 
-def _tf_convert(saved_model: Path, mode: str, calib: np.ndarray, *, io_dtype: str, per_channel: bool,
-                allow_float_ops: bool) -> bytes:
+def _int8_converter(saved_model: Path, calib: np.ndarray, *, io_dtype: str, per_channel: bool,
+                    allow_float_ops: bool) -> Any:
+    """A TFLiteConverter set up for full-integer conversion (what ``_tf_convert`` uses for mode int8)."""
+    return _converter(saved_model, "int8", calib, io_dtype=io_dtype, per_channel=per_channel,
+                      allow_float_ops=allow_float_ops)
+
+
+def _converter(saved_model: Path, mode: str, calib: np.ndarray, *, io_dtype: str, per_channel: bool,
+               allow_float_ops: bool) -> Any:
     tf = _tf()
     converter = tf.lite.TFLiteConverter.from_saved_model(str(saved_model), signature_keys=[_SIGNATURE])
     if mode == "int8":
@@ -487,11 +499,61 @@ def _tf_convert(saved_model: Path, mode: str, calib: np.ndarray, *, io_dtype: st
     elif mode == "fp16":
         converter.optimizations = [tf.lite.Optimize.DEFAULT]
         converter.target_spec.supported_types = [tf.float16]
+    return converter
+
+
+def _tf_convert(saved_model: Path, mode: str, calib: np.ndarray, *, io_dtype: str, per_channel: bool,
+                allow_float_ops: bool) -> bytes:
+    converter = _converter(saved_model, mode, calib, io_dtype=io_dtype, per_channel=per_channel,
+                           allow_float_ops=allow_float_ops)
     try:
         with _quiet_stdout():
             return bytes(converter.convert())
     except Exception as e:  # ConverterError, RuntimeError, ValueError from the MLIR converter and calibrator
         raise _converter_failure(e, mode) from e
+
+
+def calibrate_tflite(saved_model: Path, calib: np.ndarray) -> bytes:
+    """The calibrated (not yet quantized) model: every activation range recorded from the calibration samples.
+
+    ``quantize_calibrated`` then quantizes it with any settings in milliseconds, so the recovery ladder
+    calibrates once. Uses the converter's private ``_experimental_calibrate_only`` switch, as TF's own
+    QuantizationDebugger does.
+    """
+    converter = _int8_converter(saved_model, calib, io_dtype="float32", per_channel=True, allow_float_ops=False)
+    converter._experimental_calibrate_only = True
+    try:
+        with _quiet_stdout():
+            return bytes(converter.convert())
+    except Exception as e:  # ConverterError, RuntimeError, ValueError from the MLIR converter and calibrator
+        raise _converter_failure(e, "int8") from e
+
+
+def quantize_calibrated(calibrated: bytes, *, io_dtype: str, per_channel: bool,
+                        float_nodes: tuple[str, ...] = (), float_op_types: tuple[str, ...] = ()) -> bytes:
+    """Full-integer quantization of a calibrated model, keeping ``float_nodes`` (output tensor names of ops)
+    and ``float_op_types`` (TFLite op names, e.g. SOFTMAX) in float.
+
+    This is the call TFLiteConverter makes after calibrating (``tensorflow.lite.python.convert.mlir_quantize``,
+    TF's internal module) plus the denylists that ``tf.lite.experimental.QuantizationDebugger`` passes; the
+    debugger's public ``get_nondebug_quantized_model`` would give float32 inputs and outputs, not the
+    profile's int8/uint8. Without denylists the model computes exactly what TFLiteConverter's does.
+    """
+    tf = _tf()
+    from tensorflow.lite.python.convert import mlir_quantize
+
+    io_type = {"int8": tf.int8, "uint8": tf.uint8, "float32": tf.float32}[io_dtype]
+    try:
+        with _quiet_stdout():
+            return bytes(mlir_quantize(calibrated, disable_per_channel=not per_channel, fully_quantize=False,
+                                       input_data_type=io_type, output_data_type=io_type,
+                                       denylisted_nodes=list(float_nodes) or None,
+                                       denylisted_ops=[t.upper() for t in float_op_types] or None))
+    except Exception as e:  # ConverterError/RuntimeError from the MLIR quantizer
+        raise ConversionError(f"TFLite's quantizer failed (step: quantize, "
+                              f"{'per-channel' if per_channel else 'per-tensor'}, {len(float_nodes)} node(s) and "
+                              f"{len(float_op_types)} op type(s) in float): {type(e).__name__}: {_first_line(e)}",
+                              hint="check the node names (output tensor names of the ops) and op names") from e
 
 
 # --------------------------------------------------------------------------------------------------
@@ -673,18 +735,37 @@ def _float_op_error(ops: list[FloatOp], how: str) -> ConversionError:
     )
 
 
+def _split_float_ops(ops: list[FloatOp], float_nodes: tuple[str, ...],
+                     float_op_types: tuple[str, ...]) -> tuple[list[FloatOp], list[FloatOp]]:
+    """(ops kept in float on purpose, the others)."""
+    nodes, types = set(float_nodes), {t.upper() for t in float_op_types}
+    kept, other = [], []
+    for op in ops:
+        names = {n.strip() for n in op.location.split(", ")}
+        (kept if op.op in types or names & nodes else other).append(op)
+    return kept, other
+
+
 def convert_tflite_model(source: TFLiteSource, dst: Path, mode: str, calib: np.ndarray, *, io_dtype: str,
                          per_channel: bool = True, method: str = "minmax", allow_float_ops: bool = False,
-                         edgetpu: bool = False) -> TFLiteConversion:
+                         edgetpu: bool = False, float_nodes: tuple[str, ...] = (),
+                         float_op_types: tuple[str, ...] = (),
+                         calibrated: bytes | None = None) -> TFLiteConversion:
     """Convert ``source`` to a .tflite at ``dst`` for ``mode``; ``calib`` is (N, *input shape) float32.
 
-    ``io_dtype`` applies to mode int8 (int8, uint8, or float32 to keep float I/O). The written model has
-    been loaded and run once in LiteRT.
+    ``io_dtype`` applies to mode int8 (int8, uint8, or float32 to keep float I/O). ``float_nodes`` (output
+    tensor names of ops) and ``float_op_types`` (TFLite op names) stay in float in an int8 model (Keras and
+    SavedModel sources); ``calibrated`` is a model from ``calibrate_tflite`` to reuse. The written model
+    has been loaded and run once in LiteRT.
     """
     if mode not in MODES:
         raise InputError(f"quantization mode {mode!r} is not one of {', '.join(MODES)}")
     if mode == "int8" and len(calib) == 0:
         raise InputError("full-integer quantization needs at least one calibration sample")
+    if (float_nodes or float_op_types) and (mode != "int8" or source.kind == "tflite"):
+        raise InputError("keeping nodes or op types in float (exclude_nodes / exclude_op_types) is available for "
+                         "full-integer conversion of Keras and SavedModel sources only",
+                         hint="convert from the source model, or drop --exclude-nodes / --exclude-op-types")
     notes: list[str] = []
     tools: dict[str, str] = {}
     if mode == "int8" and method != "minmax":
@@ -711,8 +792,14 @@ def convert_tflite_model(source: TFLiteSource, dst: Path, mode: str, calib: np.n
             tools["ai-edge-quantizer"] = _aeq_version()
     else:
         assert source.saved_model is not None
-        model = _tf_convert(source.saved_model, mode, calib, io_dtype=io_dtype, per_channel=per_channel,
-                            allow_float_ops=allow_float_ops)
+        if mode == "int8" and (float_nodes or float_op_types or calibrated is not None):
+            if calibrated is None:
+                calibrated = calibrate_tflite(source.saved_model, calib)
+            model = quantize_calibrated(calibrated, io_dtype=io_dtype, per_channel=per_channel,
+                                        float_nodes=float_nodes, float_op_types=float_op_types)
+        else:
+            model = _tf_convert(source.saved_model, mode, calib, io_dtype=io_dtype, per_channel=per_channel,
+                                allow_float_ops=allow_float_ops)
         if mode == "dynamic":
             notes.append("quantization mode dynamic: weights are int8 (the converter leaves tensors under 1024 "
                          "elements in float), activations are quantized at run time; calibration samples are "
@@ -724,8 +811,17 @@ def convert_tflite_model(source: TFLiteSource, dst: Path, mode: str, calib: np.n
         elif mode == "none":
             notes.append("quantization mode none: the model is packaged as float32, not quantized")
     float_ops: list[FloatOp] = []
+    kept: list[FloatOp] = []
     if mode == "int8":
-        float_ops = find_float_ops(model)
+        kept, float_ops = _split_float_ops(find_float_ops(model), float_nodes, float_op_types)
+        if float_nodes or float_op_types:
+            found = {n.strip() for op in kept for n in op.location.split(", ")}
+            missing = [n for n in float_nodes if n not in found]
+            notes.append(f"{len(kept)} op(s) kept in float on purpose: "
+                         f"{'; '.join(str(op) for op in kept[:8]) or 'none'}")
+            if missing:
+                notes.append(f"no op with output {', '.join(repr(n) for n in missing)} stayed in float: TFLite's "
+                             "quantizer found no node of that name (names are the ops' output tensor names)")
         if float_ops and not allow_float_ops:
             raise _float_op_error(float_ops, "left")
         if float_ops:
@@ -741,7 +837,7 @@ def convert_tflite_model(source: TFLiteSource, dst: Path, mode: str, calib: np.n
         notes.append(f"the Edge TPU runs only full-integer int8 models: a {mode} model runs on the CPU only")
     _check_loads(model, calib[0], {"int8": "full-integer", "none": "float"}.get(mode, mode))
     write_atomic(model, Path(dst))
-    return TFLiteConversion(notes, float_ops, tools)
+    return TFLiteConversion(notes, float_ops, tools, kept)
 
 
 def float_reference(source: TFLiteSource, dst: Path) -> None:
@@ -765,3 +861,108 @@ def tf_versions() -> dict[str, str]:
     return out
 
 
+
+
+# --------------------------------------------------------------------------------------------------
+# per-layer quantization error (for the recovery ladder)
+
+DEBUG_SAMPLES = 32  # at most this many validation samples feed the per-layer error ranking
+
+
+def _channel_sqnr_metric(float_values: np.ndarray, quant_values: np.ndarray, scale: float,
+                         zero_point: int) -> float:
+    """QuantizationDebugger layer_direct_compare_metric: per-channel SQNR (dB) of one op's int8 output
+    against the same op computed in float on the same (dequantized) inputs."""
+    from converters.gate import channel_sqnr_db
+
+    f = np.asarray(float_values, dtype=np.float64)
+    dq = (np.asarray(quant_values, dtype=np.float64) - zero_point) * scale
+    return channel_sqnr_db(f[None], dq[None], f.ndim)
+
+
+def _tensor_graph(model: bytes) -> tuple[dict[str, list[str]], set[str]]:
+    """(output tensor name of each op -> output tensor names of the ops reading it, through DEQUANTIZE
+    and QUANTIZE; every op output name) of a .tflite."""
+    it = interpreter(model, delegates=False)
+    names = {t["index"]: t["name"] for t in it.get_tensor_details()}
+    ops = it._get_ops_details()
+    readers: dict[int, list[dict[str, Any]]] = {}
+    for op in ops:
+        for t in op["inputs"]:
+            readers.setdefault(int(t), []).append(op)
+
+    def consumers(tensor: int, seen: set[int]) -> list[str]:
+        found: list[str] = []
+        for op in readers.get(tensor, []):
+            outs = [int(t) for t in op["outputs"]]
+            if op["op_name"] in _EDGE_OPS:
+                for o in outs:
+                    if o not in seen:
+                        seen.add(o)
+                        found += consumers(o, seen)
+            else:
+                found += [names[o] for o in outs if o in names]
+        return found
+
+    graph: dict[str, list[str]] = {}
+    outputs: set[str] = set()
+    for op in ops:
+        if op["op_name"] in _EDGE_OPS or op["op_name"] == "DELEGATE":
+            continue
+        for t in op["outputs"]:
+            name = names.get(int(t))
+            if name is not None:
+                outputs.add(name)
+                graph[name] = consumers(int(t), {int(t)})
+    return graph, outputs
+
+
+def tflite_layer_errors(source: TFLiteSource, quant_model: bytes, calib: np.ndarray, samples: np.ndarray, *,
+                        io_dtype: str, per_channel: bool, float_nodes: tuple[str, ...] = (),
+                        float_op_types: tuple[str, ...] = ()) -> list[Any]:
+    """The quantized ops of the model with their quantization error, worst first (``LayerError``).
+
+    TF's ``tf.lite.experimental.QuantizationDebugger`` runs the model with a NumericVerify op after every
+    quantized op, which computes the op in float on the same inputs; the error of a layer is the
+    per-channel SQNR of its int8 output against that (``gate.channel_sqnr_db``, mean over samples), and
+    ``detail`` adds TF's own ``rmse/scale``. A layer's nodes are its op and the ops reading its output: both
+    must stay in float for the activation to stay float.
+    """
+    from converters.ladder import LayerError
+
+    tf = _tf()
+    if source.saved_model is None:
+        raise ConversionError("per-layer errors need the Keras/SavedModel source (step: ladder)")
+    converter = _int8_converter(source.saved_model, calib, io_dtype=io_dtype, per_channel=per_channel,
+                                allow_float_ops=False)
+    batch = np.ascontiguousarray(samples[:DEBUG_SAMPLES], dtype=np.float32)
+    options = tf.lite.experimental.QuantizationDebugOptions(
+        layer_direct_compare_metrics={"channel_sqnr_db": _channel_sqnr_metric},
+        denylisted_nodes=list(float_nodes) or None, denylisted_ops=[t.upper() for t in float_op_types] or None)
+    try:
+        with _quiet_stdout(), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*tf.lite.Interpreter is deprecated.*")
+            debugger = tf.lite.experimental.QuantizationDebugger(
+                converter=converter, debug_dataset=lambda: ([s] for s in batch), debug_options=options)
+            debugger.run()
+            table = io.StringIO()
+            debugger.layer_statistics_dump(table)
+    except Exception as e:  # TF raises ValueError/RuntimeError from the debugger and its interpreter
+        raise ConversionError(f"TF's QuantizationDebugger failed (step: ladder): {type(e).__name__}: "
+                              f"{_first_line(e)}",
+                              hint="keep layers in float yourself with --exclude-nodes, or skip the ladder with "
+                                   "--no-ladder") from e
+    import csv
+
+    graph, _ = _tensor_graph(quant_model)
+    result = []
+    for row in csv.DictReader(io.StringIO(table.getvalue())):
+        name = row["tensor_name"]
+        error = float(row["channel_sqnr_db"])
+        scale = float(row["scale"]) or 1.0
+        rmse_scale = float(np.sqrt(max(float(row["mean_squared_error"]), 0.0))) / scale
+        nodes = tuple(dict.fromkeys([name, *graph.get(name, [])]))
+        result.append(LayerError(name, error, nodes, f"{row['op_name']}: per-channel SQNR against the op in float "
+                                                      f"{error:.1f} dB; rmse/scale {rmse_scale:.3g}"))
+    result.sort(key=lambda layer: (layer.error_db, layer.name))
+    return result

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from converters.calibration import Samples
+from converters.gate import snr_db
 from converters.onnx_int8 import session
 from edge_agent.errors import ConversionError
 from edge_agent.stats import latency_summary_ms, ratio
@@ -56,10 +57,14 @@ def _is_class_vector(per_sample_shape: tuple[int, ...]) -> bool:
 
 
 def compare_outputs(fp32: list[np.ndarray], quant: list[np.ndarray], names: list[str]) -> dict[str, dict]:
-    """Per output: top1_agreement (score vectors only, else None), max/mean absolute error, fp32 range."""
+    """Per output: top1_agreement (score vectors only, else None), max/mean absolute error, fp32 range, and
+    snr_db = 10 log10(sum fp32^2 / sum (fp32 - quant)^2) (``math.inf`` when the outputs are identical,
+    ``-math.inf`` when the fp32 output is all zero and the quantized one is not; JSON writers turn these
+    into the strings "inf" / "-inf", see ``converters.gate.json_number``)."""
     result: dict[str, dict] = {}
     for name, a, b in zip(names, fp32, quant, strict=True):
-        diff = np.abs(a.astype(np.float64) - b.astype(np.float64))
+        a64, b64 = a.astype(np.float64), b.astype(np.float64)
+        diff = np.abs(a64 - b64)
         agreement = None
         if _is_class_vector(a.shape[1:]):
             agreement = float(np.mean(a.reshape(len(a), -1).argmax(-1) == b.reshape(len(b), -1).argmax(-1)))
@@ -68,6 +73,7 @@ def compare_outputs(fp32: list[np.ndarray], quant: list[np.ndarray], names: list
             "max_abs_error": float(diff.max()) if diff.size else 0.0,
             "mean_abs_error": float(diff.mean()) if diff.size else 0.0,
             "fp32_abs_max": float(np.abs(a).max()) if a.size else 0.0,
+            "snr_db": snr_db(float(np.square(a64).sum()), float(np.square(diff).sum())),
         }
     return result
 
@@ -107,15 +113,11 @@ def interleaved_latency(sessions: list[Any], input_name: str, arrays: np.ndarray
 
 
 
-def comparison_figures(fp32: Path, quant: Path, val: Samples, names: list[str], out_fp32: list[np.ndarray],
-                       out_quant: list[np.ndarray], lat_fp32: list[int], lat_quant: list[int], *, runs: int,
-                       warmup: int, where: str) -> dict[str, Any]:
-    """The figures every validator reports: sizes, per-output error, accuracy, interleaved latency."""
-    size_fp32, size_quant = fp32.stat().st_size, quant.stat().st_size
+def quality_figures(val: Samples, names: list[str], out_fp32: list[np.ndarray],
+                    out_quant: list[np.ndarray]) -> dict[str, Any]:
+    """What the gate judges: sample count, per-output figures, and accuracy when the samples carry labels
+    (on the first output, when it is a score vector)."""
     result: dict[str, Any] = {
-        "fp32_size_bytes": size_fp32,
-        "quant_size_bytes": size_quant,
-        "size_ratio": ratio(size_quant, size_fp32),
         "samples": len(val),
         "outputs": compare_outputs(out_fp32, out_quant, names),
         "accuracy_fp32": None,
@@ -125,6 +127,20 @@ def comparison_figures(fp32: Path, quant: Path, val: Samples, names: list[str], 
         result["accuracy_fp32"] = _accuracy(out_fp32[0], val.labels)
         result["accuracy_quant"] = _accuracy(out_quant[0], val.labels)
         result["accuracy_output"] = names[0]
+    return result
+
+
+def comparison_figures(fp32: Path, quant: Path, val: Samples, names: list[str], out_fp32: list[np.ndarray],
+                       out_quant: list[np.ndarray], lat_fp32: list[int], lat_quant: list[int], *, runs: int,
+                       warmup: int, where: str) -> dict[str, Any]:
+    """The figures every validator reports: sizes, per-output error, accuracy, interleaved latency."""
+    size_fp32, size_quant = fp32.stat().st_size, quant.stat().st_size
+    result: dict[str, Any] = {
+        "fp32_size_bytes": size_fp32,
+        "quant_size_bytes": size_quant,
+        "size_ratio": ratio(size_quant, size_fp32),
+        **quality_figures(val, names, out_fp32, out_quant),
+    }
     sum_fp32, sum_quant = latency_summary_ms(lat_fp32), latency_summary_ms(lat_quant)
     p50_fp32, p50_quant = sum_fp32["p50"], sum_quant["p50"]
     result.update({
@@ -161,3 +177,24 @@ def compare_onnx(fp32: Path, quant: Path, val: Samples, threads: int, warmup: in
                  "machine": platform.machine()},
     })
     return result
+
+
+def onnx_outputs(path: Path, arrays: np.ndarray, threads: int, which: str) -> tuple[list[str], list[np.ndarray]]:
+    """(output names, one (N, *shape) array per output) of an ONNX model run on every sample."""
+    try:
+        sess = session(Path(path), threads)
+    except Exception as e:  # onnxruntime's own exception classes
+        raise ConversionError(f"cannot load the {which} model for validation (step: validate): {e}") from e
+    input_name = sess.get_inputs()[0].name
+    return [o.name for o in sess.get_outputs()], _outputs(sess, input_name, arrays, which)
+
+
+def quality_onnx(quant: Path, val: Samples, reference: tuple[list[str], list[np.ndarray]],
+                 threads: int) -> dict[str, Any]:
+    """The gate's figures (``quality_figures``) of a quantized ONNX model against fp32 outputs computed once
+    (``reference`` = ``onnx_outputs`` of the fp32 model on the same samples): no sizes, no latency."""
+    if len(val) == 0:
+        raise ConversionError("no validation samples (step: validate)", hint="give more calibration samples")
+    names, out_fp32 = reference
+    _, out_quant = onnx_outputs(quant, val.arrays, threads, "quantized")
+    return quality_figures(val, names, out_fp32, out_quant)

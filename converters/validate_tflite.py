@@ -178,3 +178,25 @@ def compare_tflite(fp32: Path, quant: Path, val: Samples, threads: int, warmup: 
                  "machine": platform.machine()},
     })
     return result
+
+
+def tflite_outputs(path: Path, arrays: np.ndarray, threads: int, which: str) -> tuple[list[str], list[np.ndarray]]:
+    """(output names, one (N, *shape) float array per output, dequantized) of a .tflite run on every sample."""
+    runner = _Runner(Path(path), threads, which)
+    return [s.name for s in runner.output_specs], _outputs(runner, arrays)
+
+
+def quality_tflite(quant: Path, val: Samples, reference: tuple[list[str], list[np.ndarray]],
+                   threads: int) -> dict[str, Any]:
+    """The gate's figures (``quality_figures``) of a quantized .tflite against fp32 outputs computed once
+    (``reference`` = ``tflite_outputs`` of the fp32 model on the same samples): no sizes, no latency."""
+    from converters.validate import quality_figures
+
+    if len(val) == 0:
+        raise ConversionError("no validation samples (step: validate)", hint="give more calibration samples")
+    names, out_fp32 = reference
+    _, out_quant = tflite_outputs(quant, val.arrays, threads, "quantized")
+    if len(out_quant) != len(out_fp32):
+        raise ConversionError(f"the fp32 model has {len(out_fp32)} outputs and the quantized model "
+                              f"{len(out_quant)} (step: validate)")
+    return quality_figures(val, names, out_fp32, out_quant)

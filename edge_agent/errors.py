@@ -84,6 +84,24 @@ class ConversionError(EdgekitError):
     """A conversion or quantization step failed."""
 
 
+class GateError(ConversionError):
+    """The quantized model failed the accuracy gate, and no rung of the recovery ladder passed it.
+
+    ``attempts`` is the table of what was tried (one dict per rung: rung, settings, metric, value,
+    threshold, passed, seconds) and ``worst_layers`` the layers with the largest quantization error
+    (name, error in dB, nodes); both are JSON-safe and part of ``to_dict()``. No bundle was written.
+    """
+
+    def __init__(self, message: str, hint: str | None = None, attempts: list[dict] | None = None,
+                 worst_layers: list[dict] | None = None) -> None:
+        super().__init__(message, hint)
+        self.attempts = list(attempts or [])
+        self.worst_layers = list(worst_layers or [])
+
+    def to_dict(self) -> dict:  # type: ignore[override]
+        return {**super().to_dict(), "attempts": self.attempts, "worst_layers": self.worst_layers}
+
+
 class TelemetryError(EdgekitError):
     """Telemetry could not be built or delivered."""
 

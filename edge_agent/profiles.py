@@ -55,8 +55,9 @@ ARCHES = ("aarch64", "x86_64", "armv7l")
 ENGINE_FOR_FORMAT = {"tflite": "litert", "onnx": "onnxruntime"}
 
 
-def _doc(text: str, choices: tuple[Any, ...] | None = None, minimum: float | None = None) -> dict:
-    return {"doc": text, "choices": choices, "min": minimum}
+def _doc(text: str, choices: tuple[Any, ...] | None = None, minimum: float | None = None,
+         maximum: float | None = None) -> dict:
+    return {"doc": text, "choices": choices, "min": minimum, "max": maximum}
 
 
 @dataclass(frozen=True)
@@ -81,6 +82,30 @@ class QuantizationSection:
     calibration_samples: int = field(metadata=_doc("calibration samples to draw", minimum=1))
     validation_samples: int = field(
         default=200, metadata=_doc("held-out samples for fp32 vs int8 validation", minimum=1)
+    )
+    exclude_nodes: tuple[str, ...] = field(
+        default=(), metadata=_doc("ONNX node names / TFLite tensor names kept in float (not quantized)")
+    )
+    exclude_op_types: tuple[str, ...] = field(
+        default=(), metadata=_doc("op types kept in float: ONNX (e.g. Softmax) or TFLite (e.g. SOFTMAX)")
+    )
+    gate_min_accuracy_ratio: float = field(
+        default=0.99, metadata=_doc("gate with labels: quantized accuracy >= ratio x fp32 accuracy", minimum=0,
+                                    maximum=1)
+    )
+    gate_min_agreement: float = field(
+        default=0.99, metadata=_doc("gate without labels: top-1 agreement with fp32 (classifier outputs)",
+                                    minimum=0, maximum=1)
+    )
+    gate_min_snr_db: float = field(
+        default=20.0, metadata=_doc("gate for outputs that are not class scores: SNR vs fp32 in dB")
+    )
+    ladder: bool = field(
+        default=True, metadata=_doc("when the gate fails, try per-channel/per-tensor, other calibration methods, "
+                                    "then keep the most sensitive layers in float")
+    )
+    max_calibration_memory_mb: int = field(
+        default=512, metadata=_doc("memory bound for calibration: samples and activations held at once", minimum=1)
     )
 
 
@@ -195,6 +220,8 @@ def _convert(value: Any, tp: Any, where: str, file: str, meta: dict) -> Any:
         _check_choice(value, meta["choices"], where, file)
     if meta.get("min") is not None and value < meta["min"]:
         raise _err(file, where, f"must be at least {meta['min']}, got {value!r}")
+    if meta.get("max") is not None and value > meta["max"]:
+        raise _err(file, where, f"must be at most {meta['max']}, got {value!r}")
     return value
 
 

@@ -140,6 +140,38 @@ def test_value_below_the_minimum(tmp_path: Path) -> None:
     assert "runtime.threads: must be at least 1" in err.message
 
 
+def test_quantization_gate_and_ladder_defaults_keep_shipped_profiles_valid() -> None:
+    for p in list_profiles():
+        q = p.quantization
+        assert (q.exclude_nodes, q.exclude_op_types, q.ladder) == ((), (), True)
+        assert (q.gate_min_accuracy_ratio, q.gate_min_agreement, q.gate_min_snr_db) == (0.99, 0.99, 20.0)
+        assert q.max_calibration_memory_mb == 512
+
+
+def test_quantization_gate_and_ladder_keys(tmp_path: Path) -> None:
+    extra = ('validation_samples = 200\nexclude_nodes = ["conv1", "head/Gemm"]\nexclude_op_types = ["Softmax"]\n'
+             "gate_min_accuracy_ratio = 0.98\ngate_min_agreement = 1\ngate_min_snr_db = 30\nladder = false\n"
+             "max_calibration_memory_mb = 64")
+    path = make_profile(tmp_path, "board", edits=(("validation_samples = 200", extra),))
+    q = load_profile_file(path).quantization
+    assert q.exclude_nodes == ("conv1", "head/Gemm") and q.exclude_op_types == ("Softmax",)
+    assert (q.gate_min_accuracy_ratio, q.gate_min_agreement, q.gate_min_snr_db) == (0.98, 1.0, 30.0)
+    assert q.ladder is False and q.max_calibration_memory_mb == 64
+
+
+@pytest.mark.parametrize(("line", "message"), [
+    ("gate_min_accuracy_ratio = 1.5", "quantization.gate_min_accuracy_ratio: must be at most 1, got 1.5"),
+    ("gate_min_agreement = -0.1", "quantization.gate_min_agreement: must be at least 0, got -0.1"),
+    ("ladder = 1", "quantization.ladder: expected true/false"),
+    ("max_calibration_memory_mb = 0", "quantization.max_calibration_memory_mb: must be at least 1"),
+    ('exclude_nodes = "conv1"', "quantization.exclude_nodes: expected a list"),
+    ("exclude_op_types = [1]", "quantization.exclude_op_types[0]: expected string"),
+])
+def test_quantization_gate_and_ladder_mistakes(tmp_path: Path, line: str, message: str) -> None:
+    _, err = broken(tmp_path, ("validation_samples = 200", f"validation_samples = 200\n{line}"))
+    assert message in err.message
+
+
 def test_missing_required_key(tmp_path: Path) -> None:
     _, err = broken(tmp_path, ("cores = 4 ", "# cores = 4 "))
     assert "device.cores: missing required key" in err.message

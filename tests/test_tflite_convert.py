@@ -540,3 +540,74 @@ def test_hand_gesture_hdf5_to_full_int8_keeps_accuracy(realmodels: Path, tmp_pat
     assert result.manifest.quantization["float_ops"] == []
     assert v["xnnpack_delegated_nodes"] >= 3
     assert any("batch axis of input 'input_1' (dynamic) was fixed to 1" in n for n in result.report["notes"])
+
+
+# --------------------------------------------------------------------------------------------------
+# the accuracy gate and the recovery ladder (TFLite)
+
+
+@pytest.fixture(scope="session")
+def outlier_keras_model(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    from tests.int8_models import outlier_keras
+
+    d = tmp_path_factory.mktemp("outlier_keras")
+    np.save(d / "calib.npy", np.random.default_rng(1).normal(size=(300, 1, 16)).astype(np.float32))
+    return outlier_keras(d / "outlier.keras"), d / "calib.npy"
+
+
+def test_tflite_outlier_is_caught_and_fixed_by_keeping_two_layers_float(
+        outlier_keras_model: tuple[Path, Path], tmp_path: Path, keypair: tuple[Path, Path], rpi5: Profile) -> None:
+    model, calib = outlier_keras_model
+    result = convert(model, rpi5, str(calib), tmp_path, keypair[0], latency_runs=RUNS)
+    ladder = result.report["ladder"]
+    assert ladder["passed_rung"] == "float_layers_1"
+    rows = {a["rung"]: a for a in ladder["attempts"]}
+    assert rows["initial"]["passed"] is False and rows["initial"]["value"] < 0.5
+    assert rows["per_tensor"]["passed"] is False
+    assert rows["method_entropy"]["error"].startswith("skipped:")  # TFLite calibrates with min/max only
+    worst = ladder["worst_layers"][0]
+    assert "fc2" in worst["name"] and worst["error_db"] < 10
+    assert [n.split("/")[1] for n in worst["nodes"]] == ["fc2_1", "fc3_1"]  # fc2 and the layer reading it
+    v = result.manifest.validation
+    assert v["gate"]["passed"] and v["top1_agreement"] >= 0.99 and v["ladder_rung"] == "float_layers_1"
+    q = result.manifest.quantization
+    assert q["float_ops"] == [] and q["kept_float_ops"] == ["FULLY_CONNECTED", "FULLY_CONNECTED"]
+    assert q["io_dtype"] == "int8"  # the profile's int8 I/O is kept
+    root = unpack_bundle(result.bundle, tmp_path / "u", keypair[1]).root
+    ops = op_counts(root / "model.tflite")
+    assert ops["DEQUANTIZE"] == 1 and ops["QUANTIZE"] == 1 and ops["FULLY_CONNECTED"] == 4
+    assert tflite_io(root / "model.tflite")[0][0].dtype == "int8"
+
+
+def test_tflite_no_ladder_names_the_worst_layer(outlier_keras_model: tuple[Path, Path], tmp_path: Path,
+                                                keypair: tuple[Path, Path], rpi5: Profile) -> None:
+    from converters.convert import Overrides
+    from edge_agent.errors import GateError
+
+    model, calib = outlier_keras_model
+    with pytest.raises(GateError) as info:
+        convert(model, rpi5, str(calib), tmp_path / "out", keypair[0], latency_runs=RUNS,
+                overrides=Overrides(ladder=False))
+    assert [a["rung"] for a in info.value.attempts] == ["initial"]
+    assert "fc2" in info.value.worst_layers[0]["name"]
+    assert "rmse/scale" in info.value.worst_layers[0]["detail"]
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").glob("*.edgebundle"))
+
+
+def test_tflite_exclude_nodes_by_tensor_name(models: dict[str, Path], tmp_path: Path,
+                                             keypair: tuple[Path, Path], rpi5: Profile) -> None:
+    from converters.convert import Overrides
+
+    probe = convert(models["mlp.keras"], rpi5, str(models["vec.npy"]), tmp_path / "probe", keypair[0],
+                    latency_runs=RUNS)
+    root = unpack_bundle(probe.bundle, tmp_path / "u", keypair[1]).root
+    it = interpreter(root / "model.tflite", delegates=False)
+    names = {t["index"]: t["name"] for t in it.get_tensor_details()}
+    first_fc = next(op for op in it._get_ops_details() if op["op_name"] == "FULLY_CONNECTED")
+    node = names[int(first_fc["outputs"][0])]
+    result = convert(models["mlp.keras"], rpi5, str(models["vec.npy"]), tmp_path / "o", keypair[0],
+                     latency_runs=RUNS, overrides=Overrides(exclude_nodes=(node, "no/such/node")))
+    assert result.manifest.quantization["kept_float_ops"] == ["FULLY_CONNECTED"]
+    notes = " ".join(result.report["notes"])
+    assert "1 op(s) kept in float on purpose" in notes
+    assert "no op with output 'no/such/node' stayed in float" in notes
