@@ -37,6 +37,7 @@ from converters.convert import convert  # noqa: E402
 from converters.keys import init_keys  # noqa: E402
 from edge_agent.benchmark import bench  # noqa: E402
 from edge_agent.bundle import unpack_bundle  # noqa: E402
+from edge_agent.hardware import DeviceOptions  # noqa: E402
 from edge_agent.profiles import load_profile  # noqa: E402
 from edge_agent.stats import latency_summary_ms  # noqa: E402
 
@@ -107,7 +108,8 @@ def main() -> int:
             agent_p50, bare_p50, fp32_p50, agent_tp, bare_tp = [], [], [], [], []
             for _ in range(args.rounds):
                 b = bare_loop(unpacked.model_path, args.threads, count, warmup, feed)
-                a = bench(result.bundle, pub, warmup=warmup, count=count, threads=args.threads)
+                a = bench(result.bundle, pub, warmup=warmup, count=count, threads=args.threads,
+                          hardware=DeviceOptions(power="none"))  # overhead only; the bare loop has no sampler
                 f = bare_loop(fp32, args.threads, count, warmup, feed)
                 bare_p50.append(b["p50"])
                 bare_tp.append(b["throughput_ips"])

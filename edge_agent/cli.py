@@ -1,9 +1,22 @@
 """``edge-agent``: the device-side command line.
 
-    edge-agent bench --bundle B [--pubkey K] [--warmup N] [--count N] [--threads N] [--source S] [--json]
+    edge-agent bench --bundle B [--pubkey K] [--warmup N] [--count N | --duration S --min-count N]
+                     [--threads N] [--source S] [--state-dir DIR] [DEVICE OPTIONS] [--json]
     edge-agent run   --bundle B [--pubkey K] [--duration S] [--source S] [--mqtt HOST:PORT]
-                     [--device-id ID] [--window S] [--state-dir DIR] [--threads N] [--json]
+                     [--device-id ID] [--window S] [--state-dir DIR] [--threads N] [DEVICE OPTIONS] [--json]
+    edge-agent calibrate-idle --state-dir DIR [--duration S] [--settle S] [DEVICE OPTIONS] [--json]
     edge-agent infer --bundle B [--pubkey K] --input FILE.npy [--threads N] [--json]
+
+DEVICE OPTIONS: ``--profile NAME|PATH`` (default: the bundle manifest's profile; when it is not found the
+agent runs without power/thermal settings and says so), ``--profiles-dir DIR``, ``--power SPEC`` (overrides
+the profile's ``[power] source``: ``none``, ``rapl``, ``ina3221``, ``pmic``, ``hwmon:<chip>``,
+``serial:<meter>``), ``--power-port PORT``, ``--sysfs-root DIR`` (default /sys), ``--vcgencmd PATH``,
+``--nvpmodel PATH``. A power source the profile names but the board lacks is an error (exit 2) unless
+``--power none`` is given. See ``edge_agent.hardware``.
+
+``bench`` counts: ``--count N`` alone runs exactly N timed inferences (default 500); ``--duration S`` and
+``--min-count N`` (MLPerf single-stream style) run until both at least N inferences and S seconds have
+passed; ``--count`` with either of them is an error.
 
 ``infer`` runs ONE input through the verified bundle and prints every output raw and dequantized
 (int8/uint8 outputs with the manifest's scale and zero point; other dtypes: dequantized = raw; int8/uint8
@@ -35,10 +48,13 @@ import time
 from collections.abc import Sequence, Sized
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from edge_agent import __version__
 from edge_agent.errors import EdgekitError, InputError, SourceError
+
+if TYPE_CHECKING:
+    from edge_agent.hardware import DeviceOptions
 
 PROG = "edge-agent"
 
@@ -69,6 +85,21 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-v info, -vv debug)")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
+    def add_device_options(sp: argparse.ArgumentParser, default_profile: str) -> None:
+        g = sp.add_argument_group("device (power, thermal, throttling)")
+        g.add_argument("--profile", metavar="NAME|PATH", help=f"device profile (default: {default_profile})")
+        g.add_argument("--profiles-dir", metavar="DIR", help="extra folder of <name>.toml profiles (searched "
+                       "before $EDGEKIT_PROFILES_DIR and the shipped ones)")
+        g.add_argument("--power", metavar="SPEC", help="power source, overriding the profile's: none, rapl, "
+                       "ina3221, pmic, hwmon:<chip>, serial:um25c|um34c|ina219-csv")
+        g.add_argument("--power-port", metavar="PORT", help="serial port of a USB meter (overrides the profile's)")
+        g.add_argument("--sysfs-root", metavar="DIR", default="/sys", help="the folder that plays /sys for power "
+                       "sensors, thermal zones and cpufreq (default /sys)")
+        g.add_argument("--vcgencmd", metavar="PATH", default="vcgencmd",
+                       help="Raspberry Pi vcgencmd (get_throttled, pmic_read_adc); default: on PATH")
+        g.add_argument("--nvpmodel", metavar="PATH", default="nvpmodel",
+                       help="Jetson nvpmodel (power mode); default: on PATH")
+
     def common(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("--bundle", required=True, help="the signed .edgebundle to run")
         sp.add_argument("--pubkey", help="public key to verify the bundle with (default: "
@@ -77,11 +108,18 @@ def _build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--source", default="synthetic",
                         help="inputs: synthetic, npy:PATH (.npy/.npz) or images:DIR (default: synthetic)")
         sp.add_argument("--json", action="store_true", help="machine-readable output on stdout")
+        add_device_options(sp, "the bundle manifest's profile")
 
     b = sub.add_parser("bench", help="measure latency and throughput of a bundle on this device")
     common(b)
     b.add_argument("--warmup", type=int, default=20, help="inferences run before timing (default 20)")
-    b.add_argument("--count", type=int, default=500, help="timed inferences (default 500)")
+    b.add_argument("--count", type=int, help="exactly N timed inferences (default 500 when neither --duration "
+                   "nor --min-count is given; not combinable with them)")
+    b.add_argument("--duration", type=float,
+                   help="time at least S seconds (with --min-count: until both are met)")
+    b.add_argument("--min-count", type=int,
+                   help="time at least N inferences (with --duration: until both are met)")
+    b.add_argument("--state-dir", help="folder holding the idle baseline (idle_power.json) to subtract")
 
     r = sub.add_parser("run", help="run a bundle and report telemetry windows")
     common(r)
@@ -89,7 +127,16 @@ def _build_parser() -> argparse.ArgumentParser:
     r.add_argument("--window", type=float, default=10.0, help="seconds per telemetry window (default 10)")
     r.add_argument("--mqtt", metavar="HOST:PORT", help="MQTT broker for telemetry (default: offline)")
     r.add_argument("--device-id", help="device id in topics and windows (default: the host name)")
-    r.add_argument("--state-dir", help="folder that keeps the window sequence number across restarts")
+    r.add_argument("--state-dir", help="folder that keeps the window sequence number across restarts and the "
+                   "idle baseline (idle_power.json)")
+
+    c = sub.add_parser("calibrate-idle", help="measure the board's idle power (no inference) for energy figures")
+    c.add_argument("--state-dir", required=True, help="folder to write idle_power.json to (the one run/bench "
+                   "get with --state-dir)")
+    c.add_argument("--duration", type=float, default=10.0, help="seconds to measure (default 10)")
+    c.add_argument("--settle", type=float, default=2.0, help="seconds to wait before measuring (default 2)")
+    c.add_argument("--json", action="store_true", help="machine-readable output on stdout")
+    add_device_options(c, "none: give --profile or --power")
 
     i = sub.add_parser("infer", help="run one input through a bundle and print its outputs")
     i.add_argument("--bundle", required=True, help="the signed .edgebundle to run")
@@ -116,22 +163,63 @@ def _print_bench(result: dict[str, Any]) -> None:
         ("threads", str(result["threads"] or "default")),
         ("init", f"{result['init_ms']:.1f} ms"),
         ("first inference", f"{result['first_inference_ms']:.3f} ms"),
-        ("warm-up / timed", f"{result['warmup']} / {result['count']}"),
+        ("warm-up / timed", f"{result['warmup']} / {result['count']} in {result['wall_s']:.3f} s"
+         + (f" (until >= {result['stop_rule']['min_count']} and >= {result['stop_rule']['duration_s']:g} s)"
+            if "min_count" in result["stop_rule"] else "")),
         *((f"latency {k}", f"{lat[k]:.4f} ms") for k in ("p50", "p90", "p95", "p99", "p999", "max", "mean",
                                                           "std")),
         ("throughput", f"{result['throughput_ips']:.1f} inferences/s"),
         ("peak RSS", f"{result['peak_rss_mb']:.1f} MiB"),
+        *_device_rows(result),
     ]
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
         print(f"{k:<{width}}  {v}")
 
 
+def _fmt_opt(value: float | None, fmt: str, unit: str) -> str:
+    return "-" if value is None else f"{value:{fmt}} {unit}"
+
+
+def _device_rows(result: dict[str, Any]) -> list[tuple[str, str]]:
+    dev = result["device"]
+    power = result["power"]
+    rows = [("device profile", dev["profile"] or f"none ({dev['profile_note']})")]
+    if power is None:
+        rows.append(("power", "- (no power source)"))
+    else:
+        rows.append(("power", f"{_fmt_opt(power['mean_w'], '.3f', 'W')} mean ({power['source']}, "
+                              f"{power['samples']} samples at {power['sample_hz']:g} Hz)"))
+        rows.append(("idle power", _fmt_opt(power["idle_w"], ".3f", "W") if power["idle_w"] is not None
+                     else "- (no baseline: run calibrate-idle)"))
+        energy = _fmt_opt(power["energy_mj_per_inference"], ".4f", "mJ")
+        rows.append(("energy/inference", energy + (" (idle-subtracted)" if power["idle_w"] is not None else "")))
+    rows.append(("temperature", f"{_fmt_opt(result['temp_c_start'], '.1f', 'C')} -> "
+                                f"{_fmt_opt(result['temp_c_end'], '.1f', 'C')}"))
+    rows.append(("cpu frequency", f"{_fmt_opt(result['cpu_mhz_start'], '.0f', 'MHz')} -> "
+                                  f"{_fmt_opt(result['cpu_mhz_end'], '.0f', 'MHz')}"))
+    seen = result["throttled_seen"]
+    rows.append(("throttled", "- (unknown)" if seen is None else
+                 ("yes: " + "; ".join(result["throttle_reasons"])) if seen else "no"))
+    if dev["power_mode"] is not None:
+        rows.append(("power mode", f"{dev['power_mode']['name']} (id {dev['power_mode']['id']})"))
+    return rows
+
+
+def device_options(args: argparse.Namespace) -> DeviceOptions:
+    from edge_agent.hardware import DeviceOptions
+
+    return DeviceOptions(profile=args.profile, profiles_dir=args.profiles_dir, power=args.power,
+                         power_port=args.power_port, sysfs_root=Path(args.sysfs_root), vcgencmd=args.vcgencmd,
+                         nvpmodel=args.nvpmodel)
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
     from edge_agent.benchmark import bench
 
     result = bench(args.bundle, args.pubkey, warmup=args.warmup, count=args.count, threads=args.threads,
-                   source=args.source)
+                   source=args.source, duration_s=args.duration, min_count=args.min_count,
+                   hardware=device_options(args), state_dir=args.state_dir)
     if args.json:
         print(json.dumps(result))
     else:
@@ -156,10 +244,41 @@ def _cmd_run(args: argparse.Namespace) -> int:
     try:
         run_agent(args.bundle, args.pubkey, source=args.source, duration=args.duration, window_s=args.window,
                   mqtt=mqtt, device_id=args.device_id or socket.gethostname(), state_dir=args.state_dir,
-                  threads=args.threads, on_window=on_window, stop=stop)
+                  threads=args.threads, on_window=on_window, stop=stop, hardware=device_options(args))
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
+    return 0
+
+
+def _cmd_calibrate_idle(args: argparse.Namespace) -> int:
+    from edge_agent.hardware import calibrate_idle, idle_path, resolve_device
+
+    config = resolve_device(device_options(args), None)
+    if config.profile_note and args.power is None:
+        raise InputError("calibrate-idle needs to know the power source: pass --profile NAME|PATH or --power SPEC",
+                         hint="e.g. --profile x86-64 (RAPL) or --power hwmon:ina219")
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: Any) -> None:
+        stop.set()
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        if not args.json:
+            print(f"measuring idle power with {config.power_spec}: settle {args.settle:g} s, then "
+                  f"{args.duration:g} s; keep the board idle", file=sys.stderr, flush=True)
+        idle = calibrate_idle(config, args.state_dir, duration_s=args.duration, settle_s=args.settle, stop=stop)
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+    path = idle_path(args.state_dir)
+    if args.json:
+        print(json.dumps({**idle.to_dict(), "path": str(path)}))
+    else:
+        std = "-" if idle.std_w is None else f"{idle.std_w:.4f}"
+        print(f"idle power {idle.mean_w:.4f} W (std {std} W, {idle.samples} samples over {idle.duration_s:g} s, "
+              f"source {idle.source}) written to {path}")
     return 0
 
 
@@ -332,7 +451,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     level = logging.WARNING if args.verbose == 0 else logging.INFO if args.verbose == 1 else logging.DEBUG
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    handler = {"bench": _cmd_bench, "run": _cmd_run, "infer": _cmd_infer}[args.command]
+    handler = {"bench": _cmd_bench, "run": _cmd_run, "infer": _cmd_infer,
+               "calibrate-idle": _cmd_calibrate_idle}[args.command]
     try:
         return handler(args)
     except EdgekitError as e:

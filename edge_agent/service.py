@@ -30,12 +30,12 @@ import numpy as np
 from edge_agent import __version__
 from edge_agent.backends import Backend, create_backend
 from edge_agent.errors import InputError, KeyFileError
+from edge_agent.hardware import Device, DeviceOptions, open_device, resolve_device
 from edge_agent.manifest import Manifest
-from edge_agent.sources import Source, open_source
+from edge_agent.sources import Source, SourceEnded, open_source
 from edge_agent.telemetry import TelemetrySink
 from edge_agent.telemetry.mqtt import MqttPublisher, check_topic_part
 from edge_agent.telemetry.schema import build_window
-from edge_agent.thermal import THERMAL_ROOT, ThermalReader
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +109,7 @@ class Session:
     source: Source
     init_ms: float
     root: Path | None = None  # the unpacked bundle (members such as labels), valid inside open_session
+    device: Device | None = None  # power sampler, thermal/throttle readers (when ``hardware`` was given)
 
     @property
     def model_ref(self) -> dict[str, Any]:
@@ -118,25 +119,33 @@ class Session:
 
 @contextlib.contextmanager
 def open_session(bundle_path: str | os.PathLike, pubkey: str | os.PathLike | None, *, source: str,
-                 threads: int | None = None) -> Iterator[Session]:
-    """Verify and unpack the bundle to a temporary folder, create the backend, open the source."""
+                 threads: int | None = None, hardware: DeviceOptions | None = None,
+                 state_dir: str | os.PathLike | None = None,
+                 stop: threading.Event | None = None) -> Iterator[Session]:
+    """Verify and unpack the bundle to a temporary folder, create the backend, open the source.
+
+    With ``hardware`` the device side is opened too, before the model is loaded (so an absent power
+    source fails fast): the profile (``--profile`` or the manifest's), the power source and its sampler,
+    thermal/throttle readers and the idle baseline in ``state_dir``.
+    """
     from edge_agent.bundle import unpack_bundle
 
     key = resolve_pubkey(pubkey)
-    with tempfile.TemporaryDirectory(prefix="edge-agent-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="edge-agent-") as tmp, contextlib.ExitStack() as stack:
         unpacked = unpack_bundle(Path(bundle_path), Path(tmp) / "bundle", key)
         manifest = unpacked.manifest
+        device = None
+        if hardware is not None:
+            device = open_device(resolve_device(hardware, manifest.profile), state_dir)
+            stack.callback(device.close)
         t0 = time.perf_counter_ns()
         backend = create_backend(manifest, unpacked.model_path, threads=threads)
         init_ms = (time.perf_counter_ns() - t0) / 1e6
-        try:
-            src = open_source(source, backend.inputs, manifest.preprocessing)
-            try:
-                yield Session(manifest, unpacked.signer, backend, src, init_ms, unpacked.root)
-            finally:
-                src.close()
-        finally:
-            backend.close()
+        stack.callback(backend.close)
+        # ``stop`` lets SIGTERM end a live source's reconnect back-off at once
+        src = open_source(source, backend.inputs, manifest.preprocessing, stop=stop)
+        stack.callback(src.close)
+        yield Session(manifest, unpacked.signer, backend, src, init_ms, unpacked.root, device)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -198,9 +207,19 @@ def _summary(w: dict[str, Any]) -> str:
     fmt = (lambda v: "-" if v is None else f"{v:.3f}")  # noqa: E731
     temp = "-" if w["temp_c"] is None else f"{w['temp_c']:.1f}C"
     deg = " DEGRADED" if w["degraded"] else ""
+    extra = ""
+    if w["power_w"]["mean"] is not None:
+        extra += f" power={w['power_w']['mean']:.3f}W"
+        if w["energy_mj_per_inference"] is not None:
+            extra += f" energy={w['energy_mj_per_inference']:.4f}mJ/inf"
+            extra += " (idle-subtracted)" if w["power_w"]["idle"] is not None else ""
+    if w.get("cpu_mhz") is not None:
+        extra += f" cpu_mhz={w['cpu_mhz']:.0f}"
+    if w["throttled"] is not None:
+        extra += f" throttled={'yes' if w['throttled'] else 'no'}"
     return (f"seq={w['seq']} count={w['count']} fps={w['fps'] or 0:.1f} p50={fmt(lat['p50'])}ms "
             f"p99={fmt(lat['p99'])}ms max={fmt(lat['max'])}ms cpu={w['cpu_pct']}% rss={w['rss_mb']}MB "
-            f"temp={temp}{deg}")
+            f"temp={temp}{extra}{deg}")
 
 
 def run_agent(bundle_path: str | os.PathLike, pubkey: str | os.PathLike | None, *, source: str = "synthetic",
@@ -208,12 +227,15 @@ def run_agent(bundle_path: str | os.PathLike, pubkey: str | os.PathLike | None, 
               device_id: str | None = None, state_dir: str | os.PathLike | None = None,
               threads: int | None = None, on_window: Callable[[dict[str, Any]], None] | None = None,
               stop: threading.Event | None = None, sink: TelemetrySink | None = None,
-              thermal_root: Path = THERMAL_ROOT, topic_prefix: str = "edgekit") -> int:
+              hardware: DeviceOptions | None = None, topic_prefix: str = "edgekit") -> int:
     """Run the bundle until ``duration`` seconds pass or ``stop`` is set; return the windows emitted.
 
     Windows go to ``on_window`` (the CLI prints them), to the log, and to MQTT when ``mqtt`` is
     (host, port) (or to ``sink`` when one is given; it is closed on return). Without either the agent
-    runs fully offline.
+    runs fully offline. ``hardware`` says which device profile, power source and hardware roots to use
+    (default ``DeviceOptions()``: the manifest's profile under /sys); each window then carries the mean
+    power over the window, energy per inference (idle-subtracted with a baseline in ``state_dir``), the
+    hottest configured thermal zone, the mean CPU frequency and whether the board throttled.
     """
     if window_s <= 0:
         raise InputError(f"the window must be longer than 0 s, got {window_s}")
@@ -231,20 +253,29 @@ def run_agent(bundle_path: str | os.PathLike, pubkey: str | os.PathLike | None, 
         except OSError as e:
             raise InputError(f"cannot create the state folder {state}: {e.strerror}") from e
     seq = load_seq(state)
-    thermal = ThermalReader(thermal_root)
     emitted = 0
-    with open_session(bundle_path, pubkey, source=source, threads=threads) as sess:
+    with open_session(bundle_path, pubkey, source=source, threads=threads,
+                      hardware=hardware if hardware is not None else DeviceOptions(), state_dir=state,
+                      stop=stop) as sess:
+        dev = sess.device
+        assert dev is not None  # opened because hardware was given
         info = sess.backend.info()
         if info["degraded"]:
             log.warning("running degraded: %s", info["degraded_reason"])
         run, next_feeds = sess.backend.run, sess.source.next
         try:
-            timed_loop(run, next_feeds, array("q"), _NEVER, RUN_WARMUP)  # warm-up: never counted
+            try:
+                timed_loop(run, next_feeds, array("q"), _NEVER, RUN_WARMUP)  # warm-up: never counted
+            except SourceEnded as e:  # a finite source (video:PATH?loop=0) shorter than the warm-up
+                log.info("source ended during warm-up: %s", e.message)
+                return 0
             if sink is None and mqtt is not None:
                 birth = {"agent_version": __version__, "model": sess.model_ref,
                          "profile": sess.manifest.profile, "engine": info["engine"],
                          "providers": info["providers"], "degraded": info["degraded"],
-                         "degraded_reason": info["degraded_reason"]}
+                         "degraded_reason": info["degraded_reason"], "device_profile": dev.config.profile,
+                         "power_source": dev.power_source,
+                         "power_mode": None if dev.power_mode is None else dev.power_mode.to_dict()}
                 sink = MqttPublisher(mqtt[0], mqtt[1], device, prefix=topic_prefix, birth=birth)
             if stop.is_set():  # stopped while loading: nothing ran, no window to report
                 log.info("stopped before the first window")
@@ -257,26 +288,38 @@ def run_agent(bundle_path: str | os.PathLike, pubkey: str | os.PathLike | None, 
             window_ns = int(window_s * 1e9)
             slice_ns = int(SLICE_S * 1e9)
             clock = time.perf_counter_ns
+            mono = time.monotonic_ns  # the power sampler's clock
+            dev.read()  # baseline for the "has occurred" throttle bits
             run_end = clock() + int(duration * 1e9) if duration is not None else _NEVER
-            finished = False
+            finished = ended = False
             while not finished:
                 lat = array("q")
-                ts_start, cpu0, start = time.time(), cpu_seconds(), clock()
+                ts_start, cpu0, mono0, start = time.time(), cpu_seconds(), mono(), clock()
                 win_end = min(start + window_ns, run_end)
                 now = start
                 while now < win_end and not stop.is_set():
-                    _, now = timed_loop(run, next_feeds, lat, min(win_end, now + slice_ns), _NEVER)
-                ts_end, cpu1 = time.time(), cpu_seconds()
-                finished = stop.is_set() or now >= run_end  # the last window may be partial, even empty
+                    try:
+                        _, now = timed_loop(run, next_feeds, lat, min(win_end, now + slice_ns), _NEVER)
+                    except SourceEnded as e:  # end of a finite source, or stopped while reconnecting;
+                        log.info("source ended: %s", e.message)  # latencies so far are kept in `lat`
+                        ended, now = True, clock()
+                        break
+                ts_end, cpu1, mono1 = time.time(), cpu_seconds(), mono()
+                # the last window may be partial, even empty
+                finished = ended or stop.is_set() or now >= run_end
+                reading = dev.read()
                 window = build_window(
                     device=device, seq=seq, ts_start=ts_start, ts_end=ts_end, model=sess.model_ref,
-                    backend_info=info, latencies_ns=lat, power=None, temp_c=thermal.max_c(),
-                    cpu_pct=100.0 * (cpu1 - cpu0) / max(ts_end - ts_start, 1e-9), rss_mb=rss_mb(),
-                    throttled=None, dropped=sink.dropped if sink is not None else 0)
+                    backend_info=info, latencies_ns=lat, power=dev.window_power(mono0, mono1),
+                    temp_c=reading.temp_c, cpu_pct=100.0 * (cpu1 - cpu0) / max(ts_end - ts_start, 1e-9),
+                    rss_mb=rss_mb(), throttled=reading.throttled, dropped=sink.dropped if sink is not None else 0,
+                    cpu_mhz=reading.cpu_mhz)
                 seq += 1
                 emitted += 1
                 if state is not None:
                     save_seq(state, seq)
+                if reading.throttled:
+                    log.warning("throttling in window %d: %s", window["seq"], "; ".join(reading.reasons))
                 log.info("window %s", _summary(window))
                 if sink is not None:
                     sink.publish_window(window)

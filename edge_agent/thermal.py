@@ -49,7 +49,15 @@ class ThermalReader:
     """Reads the zones found once at construction."""
 
     def __init__(self, root: Path = THERMAL_ROOT, zones: Sequence[str] = ()) -> None:
+        self.root = Path(root)
+        self.requested = tuple(zones)
         self.zones = discover_zones(root, zones)
+
+    @property
+    def missing(self) -> list[str]:
+        """Zone types asked for (``zones``) that no zone under the root has."""
+        found = {label.split("@", 1)[0] for label, _ in self.zones}
+        return [z for z in self.requested if z not in found]
 
     def read(self) -> dict[str, float]:
         """Label -> degrees Celsius, for the zones readable right now."""

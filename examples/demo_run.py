@@ -74,7 +74,8 @@ def main() -> int:
     agent = Path(sys.executable).parent / "edge-agent"
     cmd = [str(agent), "run", "--bundle", args.bundle, "--pubkey", args.pubkey, "--threads", str(args.threads),
            "--source", f"images:{args.images}", "--duration", str(args.duration), "--window", str(args.window),
-           "--device-id", DEVICE, "--state-dir", args.state_dir, "--json"]
+           "--device-id", DEVICE, "--state-dir", args.state_dir, "--json",
+           "--power", "none"]  # see scripts/demo.sh: RAPL is rarely readable in a VM
     with tempfile.TemporaryDirectory() as tmp:
         started = start_broker(Path(tmp))
         if started is None:

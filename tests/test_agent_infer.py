@@ -195,13 +195,14 @@ def test_required_edgetpu_missing_is_exit_1(bundles: dict[str, Path], realmodels
 @pytest.mark.realmodels
 def test_bench_litert_reports_delegated_nodes(bundles: dict[str, Path]) -> None:
     r = agent("bench", "--bundle", str(bundles["mobilenet"]), "--pubkey", str(bundles["pub"]), "--warmup", "3",
-              "--count", "20", "--json")
+              "--count", "20", "--json", "--power", "none")
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     assert out["engine"] == "litert" and out["delegate"] == "xnnpack" and out["providers"] == ["xnnpack"]
     assert out["delegated_nodes"] == out["total_nodes"] == 84
     assert out["count"] == 20 and out["threads"] == 2 and out["degraded"] is False
-    r = agent("bench", "--bundle", str(bundles["mobilenet"]), "--pubkey", str(bundles["pub"]), "--count", "5")
+    r = agent("bench", "--bundle", str(bundles["mobilenet"]), "--pubkey", str(bundles["pub"]), "--count", "5",
+              "--power", "none")
     assert r.returncode == 0 and "84 of 84 nodes (xnnpack)" in r.stdout
 
 
@@ -222,7 +223,7 @@ def test_bench_degraded_edgetpu_names_the_library(bundles: dict[str, Path]) -> N
 @pytest.mark.realmodels
 def test_run_litert_windows(bundles: dict[str, Path]) -> None:
     r = agent("run", "--bundle", str(bundles["micro"]), "--pubkey", str(bundles["pub"]), "--duration", "0.4",
-              "--window", "0.2", "--json")
+              "--window", "0.2", "--json", "--power", "none")
     assert r.returncode == 0, r.stderr
     windows = [json.loads(line) for line in r.stdout.splitlines() if line.strip()]
     assert windows and all(validate_window(w) == [] for w in windows)

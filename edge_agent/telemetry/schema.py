@@ -23,6 +23,19 @@ FIELDS = (
     "providers", "degraded", "degraded_reason", "count", "latency_ms", "fps", "power_w",
     "energy_mj_per_inference", "temp_c", "cpu_pct", "rss_mb", "throttled", "dropped",
 )
+# Fields added after edgekit.telemetry/1 was first published: a window may lack them (older agents), and
+# build_window adds them only when the caller passes them. Still schema /1: the change is additive.
+OPTIONAL_FIELDS = ("cpu_mhz",)
+
+
+class _Absent:
+    """Marks an optional field the caller did not pass (``None`` means "passed, but not known")."""
+
+    def __repr__(self) -> str:
+        return "ABSENT"
+
+
+ABSENT = _Absent()
 
 
 def _round(x: float | None, digits: int) -> float | None:
@@ -46,11 +59,12 @@ def build_window(*, device: str, seq: int, ts_start: float, ts_end: float, model
                  backend_info: dict[str, Any], latencies_ns: Sequence[int] | np.ndarray,
                  power: dict[str, Any] | None, temp_c: float | None, cpu_pct: float | None,
                  rss_mb: float | None, throttled: bool | None, dropped: int,
-                 historical: bool = False) -> dict[str, Any]:
+                 historical: bool = False, cpu_mhz: float | _Absent | None = ABSENT) -> dict[str, Any]:
     """One telemetry window (see docs/telemetry.md).
 
     ``power`` is ``None`` (no power source) or ``{"source": str, "mean_w": float | None,
-    "idle_w": float | None}``. Timestamps are UNIX seconds (UTC) as floats.
+    "idle_w": float | None}``. Timestamps are UNIX seconds (UTC) as floats. ``cpu_mhz`` (optional field,
+    placed after ``cpu_pct``) is included only when passed; ``None`` gives ``null``.
     """
     lat = np.asarray(latencies_ns, dtype=np.int64)  # a list, numpy array or array('q') (no copy)
     count = int(lat.size)
@@ -60,7 +74,7 @@ def build_window(*, device: str, seq: int, ts_start: float, ts_end: float, model
     mean_w = power.get("mean_w")
     idle_w = power.get("idle_w")
     energy = energy_mj_per_inference(mean_w, idle_w, duration, count)
-    return {
+    window = {
         "schema": SCHEMA,
         "device": device,
         "seq": int(seq),
@@ -84,6 +98,14 @@ def build_window(*, device: str, seq: int, ts_start: float, ts_end: float, model
         "throttled": throttled,
         "dropped": int(dropped),
     }
+    if isinstance(cpu_mhz, _Absent):
+        return window
+    out: dict[str, Any] = {}
+    for key, value in window.items():
+        out[key] = value
+        if key == "cpu_pct":
+            out["cpu_mhz"] = _round(cpu_mhz, 1)
+    return out
 
 
 # --------------------------------------------------------------------------------------------------
@@ -109,7 +131,7 @@ def validate_window(d: Any) -> list[str]:
     missing = [k for k in FIELDS if k not in d]
     if missing:
         problems.append(f"missing fields: {', '.join(missing)}")
-    unknown = sorted(set(d) - set(FIELDS))
+    unknown = sorted(set(d) - set(FIELDS) - set(OPTIONAL_FIELDS))
     if unknown:
         problems.append(f"unknown fields: {', '.join(unknown)}")
     if "device" in d and (not isinstance(d["device"], str) or not d["device"]):
@@ -164,7 +186,7 @@ def validate_window(d: Any) -> list[str]:
                         problems.append("latency_ms: expected p50 <= p90 <= p95 <= p99 <= max")
                     if lat["mean"] > lat["max"] + 1e-9:
                         problems.append("latency_ms: mean exceeds max")
-    for key in ("fps", "energy_mj_per_inference", "temp_c", "cpu_pct", "rss_mb"):
+    for key in ("fps", "energy_mj_per_inference", "temp_c", "cpu_pct", "rss_mb", "cpu_mhz"):
         _opt_num(d, key, problems)
     power = d.get("power_w")
     if "power_w" in d:
