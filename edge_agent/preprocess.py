@@ -21,18 +21,52 @@ An image (H, W, C) uint8 in BGR order (as OpenCV reads it) or (H, W) grayscale b
 4. layout "NCHW" or "NHWC", with a leading batch axis of 1,
 5. for int8/uint8 model inputs: ``q = round(value / input_scale) + zero_point``, clipped to the dtype.
 
-Everything here is vectorised numpy; only ``resize`` and colour conversion call OpenCV, imported lazily
-so the agent's base install does not need it for non-image models.
+``image_to_tensor`` gives steps 1-4 (float32); ``image_to_input`` gives the tensor in the input's dtype
+(steps 1-5 for int8/uint8). Both compute exactly the values defined above, bit for bit, but in a faster order
+(tests/test_preprocess.py compares them with the plain float computation on every mode, colour, layout and
+several image shapes; bench/preprocess_cost.py times both):
+
+* Crop is a slice; a BGRA image loses its alpha and a "gray" model's image is converted to gray before the
+  resize (``cv2.cvtColor``; gray first is how the values are defined, and the resize then has a third of
+  the work). Anything else stays in the source's BGR order, uint8, for the resize: OpenCV resizes every
+  channel independently with the same arithmetic, so swapping channels after the resize gives the same
+  values as before it. (Reversing a 640x480 frame to RGB first cost about 2 ms: a negative-stride view
+  that had to be copied for OpenCV.) A gray image for a colour model is resized once, then copied to
+  three planes.
+* Steps 3-5 are one table look-up on the small uint8 image. For 8-bit pixels every channel's value depends
+  only on the pixel value, so ``pixel_table`` computes the float32 arithmetic of step 3 (and ``quantize`` of
+  step 5, numpy's round half to even included) once for the 256 values of each channel, cached per
+  preprocessing and quantization; ``cv2.LUT`` maps each plane straight into its place in the output: NCHW
+  takes the planes in the model's colour order (the swap costs nothing), NHWC swaps to RGB on the small
+  image (``cv2.cvtColor``). ``cv2.dnn.blobFromImage`` is not used: it computes (pixel - mean) * factor
+  with one factor and resizes with INTER_LINEAR, so its values differ from these.
+* Images that are not 8-bit (the agent's sources never give any) take the float arithmetic after the
+  resize.
+
+Interpolation: INTER_AREA stays for shrinking. It is the anti-aliased choice (each output pixel is the mean
+of the source pixels it covers) and, on uint8, most of what is left of the cost. The alternatives, for a
+640x480 BGR frame -> 224x224 on 2 vCPUs (bench/preprocess_cost.py --interp; p50, and the largest difference
+from INTER_AREA in pixel levels on random / on smooth (blurred) frames): INTER_AREA 2.0 ms; INTER_LINEAR
+0.2 ms, 150 / 2 levels (it aliases: mean difference 29 levels on random frames); pyrDown then
+INTER_LINEAR 0.7-0.9 ms, 79 / 6; INTER_AREA to half size then INTER_AREA 1.1 ms, 79 / 2. None stays within
+one level of what models were calibrated with, so the resize is unchanged. The whole of a 640x480 frame ->
+MobileNetV2's int8 NCHW (1, 3, 224, 224) input went from 6.3-6.6 ms to 2.1-2.2 ms p50 (bench/preprocess_cost.py),
+the resize being ~90% of the rest.
+
+Everything here is vectorised OpenCV/numpy; OpenCV is imported lazily so the agent's base install does not
+need it for non-image models.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
 
 from edge_agent.errors import InputError, missing_extra
+from edge_agent.manifest import TensorSpec
 
 COLORS = ("gray", "rgb", "bgr")
 LAYOUTS = ("NCHW", "NHWC")
@@ -135,18 +169,30 @@ def crop_box(src_hw: tuple[int, int], dst_hw: tuple[int, int]) -> tuple[int, int
     return (ih - ch) // 2, (iw - cw) // 2, ch, cw
 
 
+def _rows(image: np.ndarray) -> np.ndarray:
+    """``image`` (H, W, C) itself when OpenCV can read it in place (each row contiguous: a crop slice is, and
+    so is a 2-D image seen as (H, W, 1)), else a contiguous copy (e.g. a channel-reversed view)."""
+    c = image.shape[2]
+    row = image.itemsize * c
+    if (c == 1 or image.strides[2] == image.itemsize) and image.strides[1] == row \
+            and image.strides[0] >= row * image.shape[1]:
+        return image
+    return np.ascontiguousarray(image)
+
+
 def _resize(cv2: Any, image: np.ndarray, h: int, w: int) -> np.ndarray:
     """(H, W, C) uint8 -> (h, w, C); INTER_AREA when shrinking either axis, else INTER_LINEAR."""
     if image.shape[:2] == (h, w):
         return image
     shrinking = image.shape[0] > h or image.shape[1] > w
     interp = cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR
-    out = cv2.resize(np.ascontiguousarray(image), (w, h), interpolation=interp)
+    out = cv2.resize(_rows(image), (w, h), interpolation=interp)
     return out[:, :, None] if out.ndim == 2 else out
 
 
-def image_to_tensor(image: np.ndarray, pre: Preprocessing) -> np.ndarray:
-    """One OpenCV image (H, W, 3) BGR or (H, W) gray uint8 -> float32 tensor with batch axis 1."""
+def _resized(image: np.ndarray, pre: Preprocessing) -> np.ndarray:
+    """Steps 1-2: the (h, w, 1) gray or (h, w, 3) image at the model's size, still in BGR order and the
+    image's dtype."""
     if image.ndim == 2:
         image = image[:, :, None]
     if image.ndim != 3 or image.shape[2] not in (1, 3, 4) or 0 in image.shape[:2]:
@@ -157,13 +203,9 @@ def image_to_tensor(image: np.ndarray, pre: Preprocessing) -> np.ndarray:
         image = image[top:top + ch, left:left + cw]
     cv2 = _cv2()
     if image.shape[2] == 4:
-        image = cv2.cvtColor(np.ascontiguousarray(image), cv2.COLOR_BGRA2BGR)
+        image = cv2.cvtColor(_rows(image), cv2.COLOR_BGRA2BGR)
     if pre.color == "gray" and image.shape[2] == 3:
-        image = cv2.cvtColor(np.ascontiguousarray(image), cv2.COLOR_BGR2GRAY)[:, :, None]
-    elif pre.color != "gray" and image.shape[2] == 1:
-        image = np.repeat(image, 3, axis=2)
-    if pre.color == "rgb":
-        image = image[:, :, ::-1]
+        image = cv2.cvtColor(_rows(image), cv2.COLOR_BGR2GRAY)[:, :, None]
     if pre.resize_mode == "letterbox" and image.shape[:2] != (h, w):
         _, (nh, nw), (top, left) = letterbox_geometry(image.shape[:2], (h, w))
         canvas = np.full((h, w, image.shape[2]), pre.pad_value, dtype=image.dtype)
@@ -171,11 +213,109 @@ def image_to_tensor(image: np.ndarray, pre: Preprocessing) -> np.ndarray:
         image = canvas
     else:
         image = _resize(cv2, image, h, w)
-    x = image.astype(np.float32) * np.float32(pre.scale)
+    if pre.color != "gray" and image.shape[2] == 1:  # a gray image for a colour model: three equal planes
+        image = np.repeat(image, 3, axis=2)
+    return image
+
+
+@functools.lru_cache(maxsize=32)
+def _tables(channels: int, scale: float, mean: tuple[float, ...], std: tuple[float, ...], dtype: str,
+            q_scale: float | None, zero_point: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """``pixel_table``, and the same as (1, 256, channels) for ``cv2.LUT`` on an (h, w, channels) image;
+    both read-only (they are shared)."""
+    p = np.arange(256, dtype=np.float32)[:, None]  # (256, 1): the float32 arithmetic of step 3, row by row
+    x = p * np.float32(scale)
+    x = (x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
+    x = np.broadcast_to(x, (256, channels))
+    if q_scale is not None and zero_point is not None:
+        x = quantize(x, q_scale, zero_point, dtype)
+    table = np.ascontiguousarray(x.T, dtype=dtype)
+    hwc = np.ascontiguousarray(x[None], dtype=dtype)
+    table.setflags(write=False)
+    hwc.setflags(write=False)
+    return table, hwc
+
+
+def pixel_table(pre: Preprocessing, dtype: str = "float32", scale: float | None = None,
+                zero_point: int | None = None) -> np.ndarray:
+    """(channels, 256): what each 8-bit pixel value of each model channel (in the model's colour order)
+    becomes, i.e. step 3 and (with ``scale`` and ``zero_point``, for an int8/uint8 ``dtype``) step 5, computed
+    with exactly the float32 operations ``image_to_tensor`` and ``quantize`` use. Cached, read-only."""
+    quantized = scale is not None and zero_point is not None
+    if quantized != (dtype in ("int8", "uint8")) or (scale is None) != (zero_point is None) \
+            or dtype not in ("float32", "int8", "uint8"):
+        raise InputError(f"pixel_table: float32 takes no quantization; int8/uint8 need a scale and a zero point "
+                         f"(got {dtype}, scale {scale}, zero point {zero_point})")
+    return _tables(pre.channels, float(pre.scale), tuple(pre.mean), tuple(pre.std), dtype,
+                   None if scale is None else float(scale), None if zero_point is None else int(zero_point))[0]
+
+
+def _lut(cv2: Any, src: np.ndarray, table: np.ndarray, dst: np.ndarray) -> None:
+    out = cv2.LUT(src, table, dst=dst)
+    if out is not dst:  # OpenCV allocated its own output (it does not when dst fits, as it always should)
+        dst[...] = out
+
+
+def _apply_table(small: np.ndarray, pre: Preprocessing, tables: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+    """Steps 3-4 (and 5 when the tables quantize) on the uint8 (h, w, 1|3 BGR) image: one table look-up
+    per value, written straight into the layout; the colour order is which plane feeds which channel."""
+    cv2 = _cv2()
+    table, hwc = tables
+    h, w, _ = small.shape
+    c = pre.channels
+    if pre.layout == "NCHW":
+        out = np.empty((1, c, h, w), table.dtype)
+        planes = cv2.split(small) if c == 3 else [small[:, :, 0]]
+        for i, plane in enumerate(planes[::-1] if pre.color == "rgb" else planes):
+            _lut(cv2, plane, table[i], out[0, i])
+        return out
+    out = np.empty((1, h, w, c), table.dtype)
+    if c == 1:
+        _lut(cv2, small[:, :, 0], table[0], out[0, :, :, 0])
+    else:
+        _lut(cv2, cv2.cvtColor(small, cv2.COLOR_BGR2RGB) if pre.color == "rgb" else _rows(small), hwc, out[0])
+    return out
+
+
+def _normalise(small: np.ndarray, pre: Preprocessing) -> np.ndarray:
+    """Steps 3-4 in float arithmetic, for images that are not 8-bit (no table)."""
+    if pre.color == "rgb":
+        small = small[:, :, ::-1]
+    x = small.astype(np.float32) * np.float32(pre.scale)
     x = (x - np.asarray(pre.mean, np.float32)) / np.asarray(pre.std, np.float32)
     if pre.layout == "NCHW":
         x = x.transpose(2, 0, 1)
     return np.ascontiguousarray(x[None, ...], dtype=np.float32)
+
+
+def image_to_tensor(image: np.ndarray, pre: Preprocessing) -> np.ndarray:
+    """One OpenCV image (H, W, 3) BGR or (H, W) gray uint8 -> float32 tensor with batch axis 1."""
+    small = _resized(image, pre)
+    if small.dtype != np.uint8:
+        return _normalise(small, pre)
+    return _apply_table(small, pre, _tables(pre.channels, float(pre.scale), tuple(pre.mean), tuple(pre.std),
+                                            "float32", None, None))
+
+
+def image_to_input(image: np.ndarray, pre: Preprocessing, spec: TensorSpec) -> np.ndarray:
+    """One OpenCV image -> the model-ready tensor in ``spec``'s dtype: float32 as ``image_to_tensor``;
+    int8/uint8 (with the input's scale and zero point) equal to ``quantize(image_to_tensor(...))`` but
+    normalised and quantized in one table look-up; float16/float64 converted from float32."""
+    dtype = spec.dtype
+    if dtype in ("int8", "uint8"):
+        if spec.scale is None or spec.zero_point is None:
+            raise InputError(f"{dtype} input {spec.name!r} has no quantization scale/zero point, so images "
+                             "cannot be quantized for it",
+                             hint="rebuild the bundle with the input's quantization parameters")
+        small = _resized(image, pre)
+        if small.dtype != np.uint8:
+            return quantize(_normalise(small, pre), spec.scale, spec.zero_point, dtype)
+        return _apply_table(small, pre, _tables(pre.channels, float(pre.scale), tuple(pre.mean),
+                                                tuple(pre.std), dtype, float(spec.scale), int(spec.zero_point)))
+    if dtype in ("float32", "float16", "float64"):
+        return image_to_tensor(image, pre).astype(dtype, copy=False)
+    raise InputError(f"images cannot feed the {dtype} input {spec.name!r}",
+                     hint="images become float32, float16, int8 or uint8 (quantized) inputs")
 
 
 def quantize(x: np.ndarray, scale: float, zero_point: int, dtype: str) -> np.ndarray:

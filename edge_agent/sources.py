@@ -74,7 +74,7 @@ import numpy as np
 
 from edge_agent.errors import InputError, MissingDependencyError, SourceError, missing_extra
 from edge_agent.manifest import TensorSpec
-from edge_agent.preprocess import Preprocessing, image_to_tensor, quantize
+from edge_agent.preprocess import Preprocessing, image_to_input, image_to_tensor, quantize
 
 log = logging.getLogger(__name__)
 
@@ -274,6 +274,15 @@ def _image_input(kind: str, inputs: Sequence[TensorSpec],
         raise SourceError(f"the bundle's preprocessing is invalid: {e.message}") from e
 
 
+def _preprocess(image: np.ndarray, pre: Preprocessing, spec: TensorSpec) -> np.ndarray:
+    """An image -> the input tensor: for an int8/uint8 input with quantization parameters already in its
+    dtype (``image_to_input``: normalise and quantize in one table look-up, the same values as
+    ``quantize(image_to_tensor(...))``); otherwise float32, which ``_to_dtype`` converts or rejects."""
+    if spec.dtype in ("int8", "uint8") and spec.scale is not None and spec.zero_point is not None:
+        return image_to_input(image, pre, spec)
+    return image_to_tensor(image, pre)
+
+
 class ImageSource:
     """The images of a folder, preprocessed as the bundle says; cached up to ``cache_bytes``."""
 
@@ -305,7 +314,7 @@ class ImageSource:
             raise SourceError(f"{path}: OpenCV cannot read this image", hint="remove or replace the file")
         if image.dtype != np.uint8:
             raise SourceError(f"{path}: {image.dtype} image; expected 8-bit", hint="save it as 8-bit")
-        x = image_to_tensor(image, self._pre)
+        x = _preprocess(image, self._pre, self._spec)
         if not _matches(x.shape, self._spec.shape):
             raise SourceError(f"{path}: preprocessed to shape {x.shape}, but input {self._spec.name!r} "
                               f"has shape {_fmt(self._spec.shape)}",
@@ -553,7 +562,7 @@ class CaptureSource:
         if frame.dtype != np.uint8:
             raise SourceError(f"{self.name}: {frame.dtype} frames; expected 8-bit")
         try:
-            x = image_to_tensor(frame, self._pre)
+            x = _preprocess(frame, self._pre, self._spec)
         except InputError as e:
             raise SourceError(f"{self.name}: {e.message}") from e
         return [_to_dtype(x, self._spec, self.name)]

@@ -179,6 +179,36 @@ def test_images_for_int8_input_are_quantized(tmp_path: Path) -> None:
     assert x.dtype == np.uint8
 
 
+IMAGENET_PRE = {"size": [8, 8], "color": "rgb", "layout": "NCHW", "scale": 1 / 255,
+                "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
+
+
+@pytest.mark.parametrize(("layout", "dtype", "scale", "zero_point"), [
+    ("NCHW", "int8", 0.018631115555763245, -14),  # MobileNetV2's input
+    ("NHWC", "uint8", 1 / 64, 128),
+])
+def test_images_for_int8_input_equal_the_float_path_quantized(tmp_path: Path, layout: str, dtype: str,
+                                                              scale: float, zero_point: int) -> None:
+    """The fused table look-up (image_to_input) gives exactly quantize(image_to_tensor(...))."""
+    import cv2
+
+    from edge_agent.preprocess import Preprocessing, image_to_tensor
+
+    rng = np.random.default_rng(4)
+    (tmp_path / "imgs").mkdir()
+    imgs = [rng.integers(0, 256, (30, 22, 3), dtype=np.uint8), rng.integers(0, 256, (9, 14), dtype=np.uint8)]
+    for i, img in enumerate(imgs):
+        assert cv2.imwrite(str(tmp_path / "imgs" / f"{i}.png"), img)  # PNG: lossless
+    pre = {**IMAGENET_PRE, "layout": layout}
+    shape = (1, 3, 8, 8) if layout == "NCHW" else (1, 8, 8, 3)
+    spec = (TensorSpec("image", shape, dtype, scale=scale, zero_point=zero_point),)
+    src = open_source(f"images:{tmp_path / 'imgs'}", spec, pre)
+    for img in imgs:
+        (q,) = src.next()
+        want = quantize(image_to_tensor(img, Preprocessing.from_dict(pre)), scale, zero_point, dtype)
+        assert q.dtype == np.dtype(dtype) and q.shape == shape and np.array_equal(q, want)
+
+
 def test_images_cache_is_bounded(tmp_path: Path) -> None:
     from edge_agent.sources import ImageSource
 
@@ -397,6 +427,30 @@ def test_capture_frames_are_preprocessed_and_quantized() -> None:
         assert np.array_equal(q, quantize(image_to_tensor(f, Preprocessing.from_dict(pre)), 1 / 128, -128, "int8"))
 
 
+def test_capture_rgb_frames_for_int8_nchw_equal_the_float_path_quantized() -> None:
+    from edge_agent.preprocess import Preprocessing, image_to_tensor
+
+    rng = np.random.default_rng(5)
+    frames = [rng.integers(0, 256, (48, 64, 3), dtype=np.uint8) for _ in range(3)]
+    spec = (TensorSpec("image", (1, 3, 8, 8), "int8", scale=0.018631115555763245, zero_point=-14),)
+    src = CaptureSource(0, "camera", spec, IMAGENET_PRE, opener=FakeDevice(FakeCapture(True, list(frames))))
+    pre = Preprocessing.from_dict(IMAGENET_PRE)
+    for f in frames:
+        (q,) = src.next()
+        want = quantize(image_to_tensor(f, pre), 0.018631115555763245, -14, "int8")
+        assert q.dtype == np.int8 and np.array_equal(q, want)
+
+
+def test_capture_for_float16_input_is_converted_from_float32() -> None:
+    from edge_agent.preprocess import Preprocessing, image_to_tensor
+
+    f = np.random.default_rng(6).integers(0, 256, (6, 9, 3), dtype=np.uint8)
+    spec = (TensorSpec("image", (1, 3, 8, 8), "float16"),)
+    (x,) = CaptureSource(0, "camera", spec, IMAGENET_PRE, opener=FakeDevice(FakeCapture(True, [f]))).next()
+    assert x.dtype == np.float16
+    assert np.array_equal(x, image_to_tensor(f, Preprocessing.from_dict(IMAGENET_PRE)).astype(np.float16))
+
+
 # ------------------------------------------------------------------------------------ capture: real OpenCV
 
 
@@ -433,6 +487,25 @@ def test_video_file_is_decoded_preprocessed_and_looped(tmp_path: Path) -> None:
     assert centres == pytest.approx([10, 50, 90, 130, 170], abs=2)  # JPEG is lossy, a little
     assert all(np.array_equal(a, b) for a, b in zip(feeds, feeds[VIDEO_FRAMES:], strict=False))
     assert src.loops == 2 and src.frames == 2 * VIDEO_FRAMES + 1 and src.dropped_frames == 0
+    src.close()
+
+
+def test_video_file_for_int8_input_equals_the_float_path_quantized(tmp_path: Path) -> None:
+    import cv2
+
+    from edge_agent.preprocess import Preprocessing, image_to_tensor
+
+    write_video(tmp_path / "v.avi")
+    cap = cv2.VideoCapture(str(tmp_path / "v.avi"))
+    decoded = [cap.read()[1] for _ in range(VIDEO_FRAMES)]
+    cap.release()
+    pre = {**PRE_VID, "scale": 1 / 255, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
+    spec = (TensorSpec("image", (1, 3, 8, 8), "int8", scale=0.018631115555763245, zero_point=-14),)
+    src = open_source(f"video:{tmp_path / 'v.avi'}?loop=0", spec, pre)
+    for f in decoded:
+        (q,) = src.next()
+        want = quantize(image_to_tensor(f, Preprocessing.from_dict(pre)), 0.018631115555763245, -14, "int8")
+        assert q.dtype == np.int8 and np.array_equal(q, want)
     src.close()
 
 
