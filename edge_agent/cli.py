@@ -4,6 +4,8 @@
                      [--threads N] [--source S] [--state-dir DIR] [DEVICE OPTIONS] [--json]
     edge-agent run   --bundle B [--pubkey K] [--duration S] [--source S] [--mqtt HOST:PORT]
                      [--device-id ID] [--window S] [--state-dir DIR] [--threads N] [DEVICE OPTIONS] [--json]
+                     [--mqtt-protocol 5|3.1.1] [--mqtt-user U --mqtt-password-file F]
+                     [--mqtt-tls-ca CA [--mqtt-cert C --mqtt-key K]] [--spool-max-mb M] [--spool-max-age-h H]
     edge-agent calibrate-idle --state-dir DIR [--duration S] [--settle S] [DEVICE OPTIONS] [--json]
     edge-agent infer --bundle B [--pubkey K] --input FILE.npy [--threads N] [--json]
 
@@ -127,8 +129,23 @@ def _build_parser() -> argparse.ArgumentParser:
     r.add_argument("--window", type=float, default=10.0, help="seconds per telemetry window (default 10)")
     r.add_argument("--mqtt", metavar="HOST:PORT", help="MQTT broker for telemetry (default: offline)")
     r.add_argument("--device-id", help="device id in topics and windows (default: the host name)")
-    r.add_argument("--state-dir", help="folder that keeps the window sequence number across restarts and the "
-                   "idle baseline (idle_power.json)")
+    r.add_argument("--state-dir", help="folder that keeps the window sequence number across restarts, the "
+                   "idle baseline (idle_power.json) and, with --mqtt, the durable telemetry spool (spool.db)")
+    m = r.add_argument_group("MQTT telemetry (with --mqtt)")
+    m.add_argument("--mqtt-protocol", choices=("5", "3.1.1"), default="5",
+                   help="MQTT version (default 5; with 3.1.1 a broker that denies a publish by ACL drops it "
+                   "silently, so denials cannot be seen)")
+    m.add_argument("--mqtt-user", metavar="NAME", help="user name for the broker")
+    m.add_argument("--mqtt-password-file", metavar="FILE", help="file whose first line is the password "
+                   "(never on the command line)")
+    m.add_argument("--mqtt-tls-ca", metavar="PEM", help="CA certificate that signed the broker's (turns TLS on)")
+    m.add_argument("--mqtt-cert", metavar="PEM", help="client certificate (TLS client authentication)")
+    m.add_argument("--mqtt-key", metavar="PEM", help="client certificate's unencrypted key (mode 600)")
+    m.add_argument("--spool-max-mb", type=float, default=64.0,
+                   help="bound of the telemetry spool in MiB; beyond it the oldest windows are dropped "
+                   "(default 64)")
+    m.add_argument("--spool-max-age-h", type=float, default=168.0,
+                   help="windows older than this many hours are dropped from the spool (default 168 = 7 days)")
 
     c = sub.add_parser("calibrate-idle", help="measure the board's idle power (no inference) for energy figures")
     c.add_argument("--state-dir", required=True, help="folder to write idle_power.json to (the one run/bench "
@@ -227,10 +244,63 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _read_password(path: str) -> str:
+    try:
+        text = Path(path).read_text()
+    except OSError as e:
+        raise InputError(f"cannot read the MQTT password file {path}: {e.strerror}") from e
+    lines = text.splitlines()
+    if not lines or not lines[0]:
+        raise InputError(f"the MQTT password file {path} is empty", hint="write the password on its first line")
+    return lines[0]
+
+
+def mqtt_settings(args: argparse.Namespace) -> Any:
+    """The MQTT options of ``run`` as ``MqttSettings``; InputError (exit 2) for unusable ones."""
+    import os
+    import stat
+
+    from edge_agent.telemetry.mqtt import MqttSettings, TlsOptions
+
+    used = [o for o, v in (("--mqtt-user", args.mqtt_user), ("--mqtt-password-file", args.mqtt_password_file),
+                           ("--mqtt-tls-ca", args.mqtt_tls_ca), ("--mqtt-cert", args.mqtt_cert),
+                           ("--mqtt-key", args.mqtt_key)) if v is not None]
+    if args.mqtt is None:
+        if used:
+            raise InputError(f"{', '.join(used)} need --mqtt HOST:PORT")
+        return None
+    if args.mqtt_password_file is not None and args.mqtt_user is None:
+        raise InputError("--mqtt-password-file needs --mqtt-user")
+    if (args.mqtt_cert is None) != (args.mqtt_key is None):
+        raise InputError("--mqtt-cert and --mqtt-key go together")
+    if args.mqtt_cert is not None and args.mqtt_tls_ca is None:
+        raise InputError("--mqtt-cert needs --mqtt-tls-ca (the CA that signed the broker's certificate)")
+    for flag, value in (("--mqtt-tls-ca", args.mqtt_tls_ca), ("--mqtt-cert", args.mqtt_cert),
+                        ("--mqtt-key", args.mqtt_key), ("--mqtt-password-file", args.mqtt_password_file)):
+        if value is not None and not Path(value).is_file():
+            raise InputError(f"{flag} {value} does not exist")
+    for flag, value in (("--mqtt-key", args.mqtt_key), ("--mqtt-password-file", args.mqtt_password_file)):
+        if value is not None:
+            mode = stat.S_IMODE(os.stat(value).st_mode)
+            if mode & 0o077:
+                raise InputError(f"{flag} {value} is readable or writable by group/others (mode {mode:04o})",
+                                 hint=f"chmod 600 {value}")
+    tls = None
+    if args.mqtt_tls_ca is not None:
+        tls = TlsOptions(Path(args.mqtt_tls_ca), None if args.mqtt_cert is None else Path(args.mqtt_cert),
+                         None if args.mqtt_key is None else Path(args.mqtt_key))
+    password = None if args.mqtt_password_file is None else _read_password(args.mqtt_password_file)
+    return MqttSettings(protocol=5 if args.mqtt_protocol == "5" else 4, username=args.mqtt_user,
+                        password=password, tls=tls)
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     from edge_agent.service import _summary, run_agent
 
     mqtt = parse_hostport(args.mqtt) if args.mqtt is not None else None
+    settings = mqtt_settings(args)
+    if args.spool_max_mb <= 0 or args.spool_max_age_h <= 0:
+        raise InputError("--spool-max-mb and --spool-max-age-h must be greater than 0")
     stop = threading.Event()
 
     def on_signal(signum: int, frame: Any) -> None:
@@ -244,7 +314,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
     try:
         run_agent(args.bundle, args.pubkey, source=args.source, duration=args.duration, window_s=args.window,
                   mqtt=mqtt, device_id=args.device_id or socket.gethostname(), state_dir=args.state_dir,
-                  threads=args.threads, on_window=on_window, stop=stop, hardware=device_options(args))
+                  threads=args.threads, on_window=on_window, stop=stop, hardware=device_options(args),
+                  mqtt_settings=settings, spool_max_bytes=int(args.spool_max_mb * 2**20),
+                  spool_max_age_s=args.spool_max_age_h * 3600.0)
     finally:
         for s, h in previous.items():
             signal.signal(s, h)

@@ -34,8 +34,9 @@ from edge_agent.hardware import Device, DeviceOptions, open_device, resolve_devi
 from edge_agent.manifest import Manifest
 from edge_agent.sources import Source, SourceEnded, open_source
 from edge_agent.telemetry import TelemetrySink
-from edge_agent.telemetry.mqtt import MqttPublisher, check_topic_part
+from edge_agent.telemetry.mqtt import MqttPublisher, MqttSettings, check_topic_part
 from edge_agent.telemetry.schema import build_window
+from edge_agent.telemetry.spool import SPOOL_FILE, Spool, SpoolingSink, peek_next_seq
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +47,8 @@ DEFAULT_KEY_PATHS: tuple[Path, ...] = (
 SLICE_S = 0.1  # longest stretch of inferences between two looks at the stop flag
 RUN_WARMUP = 10  # inferences run (and not counted) before the first window
 SEQ_FILE = "seq"
+SPOOL_MAX_BYTES = 64 * 2**20  # default bound of the telemetry spool (about 100,000 windows)
+SPOOL_MAX_AGE_S = 7 * 24 * 3600.0
 _NEVER = 1 << 62
 
 
@@ -222,17 +225,47 @@ def _summary(w: dict[str, Any]) -> str:
             f"temp={temp}{extra}{deg}")
 
 
+def _open_spool(state: Path, max_bytes: int, max_age_s: float) -> Spool:
+    """The state folder's spool; an existing ``seq`` file is migrated into it (then removed)."""
+    spool = Spool(state / SPOOL_FILE, max_bytes=max_bytes, max_age_s=max_age_s, min_next_seq=load_seq(state))
+    seq_file = state / SEQ_FILE
+    if seq_file.exists():
+        seq_file.unlink()  # the spool's meta table holds the next seq from now on
+        log.info("moved the window sequence number from %s into the telemetry spool", seq_file)
+    return spool
+
+
+def _telemetry_note(sink: SpoolingSink) -> str:
+    st = sink.status()
+    note = f" | mqtt={st['mqtt_state']}"
+    if st["mqtt_error"]:
+        note += f" ({st['mqtt_error']})"
+    note += f" spool={st['spool_depth']}"
+    if st["spool_oldest_age_s"] is not None:
+        note += f" oldest={st['spool_oldest_age_s']:.1f}s"
+    if st["spool_dropped"]:
+        note += f" dropped={st['spool_dropped']}"
+    if st["mqtt_rejected"]:
+        note += f" rejected={st['mqtt_rejected']}"
+    return note
+
+
 def run_agent(bundle_path: str | os.PathLike, pubkey: str | os.PathLike | None, *, source: str = "synthetic",
               duration: float | None = None, window_s: float = 10.0, mqtt: tuple[str, int] | None = None,
               device_id: str | None = None, state_dir: str | os.PathLike | None = None,
               threads: int | None = None, on_window: Callable[[dict[str, Any]], None] | None = None,
               stop: threading.Event | None = None, sink: TelemetrySink | None = None,
-              hardware: DeviceOptions | None = None, topic_prefix: str = "edgekit") -> int:
+              hardware: DeviceOptions | None = None, topic_prefix: str = "edgekit",
+              mqtt_settings: MqttSettings | None = None, spool_max_bytes: int = SPOOL_MAX_BYTES,
+              spool_max_age_s: float = SPOOL_MAX_AGE_S, max_inflight: int = 100) -> int:
     """Run the bundle until ``duration`` seconds pass or ``stop`` is set; return the windows emitted.
 
     Windows go to ``on_window`` (the CLI prints them), to the log, and to MQTT when ``mqtt`` is
     (host, port) (or to ``sink`` when one is given; it is closed on return). Without either the agent
-    runs fully offline. ``hardware`` says which device profile, power source and hardware roots to use
+    runs fully offline. With ``mqtt`` and ``state_dir`` every window is first written to the durable
+    spool ``<state_dir>/spool.db`` (which then also holds the next seq) and forwarded from there; with
+    ``mqtt`` and no ``state_dir`` windows wait in memory only (a warning says they are not durable).
+    ``hardware`` says which device profile, power source and hardware roots to use
     (default ``DeviceOptions()``: the manifest's profile under /sys); each window then carries the mean
     power over the window, energy per inference (idle-subtracted with a baseline in ``state_dir``), the
     hottest configured thermal zone, the mean CPU frequency and whether the board throttled.
@@ -252,8 +285,34 @@ def run_agent(bundle_path: str | os.PathLike, pubkey: str | os.PathLike | None, 
             state.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise InputError(f"cannot create the state folder {state}: {e.strerror}") from e
-    seq = load_seq(state)
+    spool: Spool | None = None
+    if sink is None and mqtt is not None and state is not None:
+        spool = _open_spool(state, spool_max_bytes, spool_max_age_s)
+        seq = spool.next_seq
+    else:
+        seq = load_seq(state)
+        if state is not None:  # offline after spooled runs: never reuse a seq the spool gave out
+            seq = max(seq, peek_next_seq(state / SPOOL_FILE) or 0)
+        if mqtt is not None and state is None and sink is None:
+            log.warning("no --state-dir: telemetry windows wait for the broker in memory only and are lost "
+                        "if the agent restarts (pass --state-dir for the durable spool)")
+    try:
+        return _run(bundle_path, pubkey, source=source, duration=duration, window_s=window_s, mqtt=mqtt,
+                    device=device, state=state, threads=threads, on_window=on_window, stop=stop, sink=sink,
+                    hardware=hardware, topic_prefix=topic_prefix, settings=mqtt_settings or MqttSettings(),
+                    spool=spool, seq=seq, max_inflight=max_inflight)
+    finally:
+        if spool is not None and not spool.closed:  # the sink never took it over (failed before)
+            spool.close()
+
+
+def _run(bundle_path: str | os.PathLike, pubkey: str | os.PathLike | None, *, source: str,
+         duration: float | None, window_s: float, mqtt: tuple[str, int] | None, device: str, state: Path | None,
+         threads: int | None, on_window: Callable[[dict[str, Any]], None] | None, stop: threading.Event,
+         sink: TelemetrySink | None, hardware: DeviceOptions | None, topic_prefix: str, settings: MqttSettings,
+         spool: Spool | None, seq: int, max_inflight: int) -> int:
     emitted = 0
+    spooling: SpoolingSink | None = None
     with open_session(bundle_path, pubkey, source=source, threads=threads,
                       hardware=hardware if hardware is not None else DeviceOptions(), state_dir=state,
                       stop=stop) as sess:
@@ -276,7 +335,12 @@ def run_agent(bundle_path: str | os.PathLike, pubkey: str | os.PathLike | None, 
                          "degraded_reason": info["degraded_reason"], "device_profile": dev.config.profile,
                          "power_source": dev.power_source,
                          "power_mode": None if dev.power_mode is None else dev.power_mode.to_dict()}
-                sink = MqttPublisher(mqtt[0], mqtt[1], device, prefix=topic_prefix, birth=birth)
+                args = {"host": mqtt[0], "port": mqtt[1], "device_id": device, "prefix": topic_prefix,
+                        "birth": birth, **settings.kwargs()}
+                if spool is not None:
+                    sink = spooling = SpoolingSink(spool, args, max_inflight=max_inflight)
+                else:
+                    sink = MqttPublisher(**args)
             if stop.is_set():  # stopped while loading: nothing ran, no window to report
                 log.info("stopped before the first window")
                 return 0
@@ -308,21 +372,24 @@ def run_agent(bundle_path: str | os.PathLike, pubkey: str | os.PathLike | None, 
                 # the last window may be partial, even empty
                 finished = ended or stop.is_set() or now >= run_end
                 reading = dev.read()
+                if spooling is not None:
+                    seq = spooling.next_seq
                 window = build_window(
                     device=device, seq=seq, ts_start=ts_start, ts_end=ts_end, model=sess.model_ref,
                     backend_info=info, latencies_ns=lat, power=dev.window_power(mono0, mono1),
                     temp_c=reading.temp_c, cpu_pct=100.0 * (cpu1 - cpu0) / max(ts_end - ts_start, 1e-9),
                     rss_mb=rss_mb(), throttled=reading.throttled, dropped=sink.dropped if sink is not None else 0,
-                    cpu_mhz=reading.cpu_mhz)
+                    cpu_mhz=reading.cpu_mhz,
+                    spool=None if spooling is None else (spooling.spool.depth(), spooling.spool.oldest_age_s()))
                 seq += 1
                 emitted += 1
-                if state is not None:
+                if state is not None and spooling is None:
                     save_seq(state, seq)
                 if reading.throttled:
                     log.warning("throttling in window %d: %s", window["seq"], "; ".join(reading.reasons))
-                log.info("window %s", _summary(window))
                 if sink is not None:
-                    sink.publish_window(window)
+                    sink.publish_window(window)  # the spooling sink stores it (and gives it its seq) first
+                log.info("window %s%s", _summary(window), "" if spooling is None else _telemetry_note(spooling))
                 if on_window is not None:
                     on_window(window)
         finally:

@@ -1,4 +1,4 @@
-"""Telemetry: the window schema (``schema``) and its delivery (``mqtt``; a durable spool comes later).
+"""Telemetry: the window schema (``schema``), the durable spool (``spool``) and delivery (``mqtt``).
 
 A ``TelemetrySink`` takes finished windows and events. It must never block or raise into the inference
 loop: delivery problems are logged and counted, not thrown.
@@ -14,7 +14,7 @@ __all__ = ["SCHEMA", "TelemetrySink", "build_window", "validate_window"]
 
 
 class TelemetrySink(Protocol):
-    """Where finished windows go (MQTT today; a spool in front of it later)."""
+    """Where finished windows go (``MqttPublisher``, or ``SpoolingSink``: the spool in front of it)."""
 
     @property
     def dropped(self) -> int:

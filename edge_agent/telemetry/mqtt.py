@@ -7,16 +7,23 @@ the Last Will ``offline`` when the connection is lost, and ``offline`` again on 
 The publisher never blocks or raises into the inference loop: it connects in paho's network thread
 (``connect_async`` + ``loop_start``), reconnects with exponential back-off (1 s to 60 s), and paho queues
 QoS 1 messages while the broker is away, in memory and bounded (``max_queued`` windows; beyond it a window
-is dropped and counted in ``dropped``). MQTT is delivery, not storage: a durable spool slots in front of
-it later through the same ``TelemetrySink`` protocol.
+is dropped and counted in ``dropped``). MQTT is delivery, not storage: with a state folder the agent puts
+the durable spool (``spool.SpoolingSink``) in front of it, which uses ``publish_tracked`` + ``on_ack``.
+TLS (``TlsOptions``: CA, client certificate and key) and user/password come in ``MqttSettings``. A broker
+that refuses the connection (CONNACK failure) or a publish (MQTT 5 PUBACK failure, e.g. an ACL) is logged
+as an ERROR naming the broker and what to check, and shows in ``state`` / ``last_error`` / ``rejected``.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import ssl
 import threading
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from edge_agent.errors import InputError, TelemetryError, missing_extra
@@ -39,6 +46,57 @@ def topics(prefix: str, device: str) -> dict[str, str]:
     return {k: f"{base}/{k}" for k in ("status", "telemetry", "events", "cmd")}
 
 
+@dataclass(frozen=True)
+class TlsOptions:
+    """TLS to the broker: the CA that signed its certificate, and optionally our client certificate + key."""
+
+    ca_file: Path
+    cert_file: Path | None = None
+    key_file: Path | None = None
+
+    def apply(self, client: Any) -> None:
+        for what, path in (("CA", self.ca_file), ("client certificate", self.cert_file),
+                           ("client key", self.key_file)):
+            if path is not None and not Path(path).is_file():
+                raise InputError(f"MQTT TLS {what} file {path} does not exist")
+        if (self.cert_file is None) != (self.key_file is None):
+            raise InputError("an MQTT client certificate needs its key and the other way round",
+                             hint="pass both --mqtt-cert and --mqtt-key")
+        try:
+            client.tls_set(ca_certs=str(self.ca_file),
+                           certfile=None if self.cert_file is None else str(self.cert_file),
+                           keyfile=None if self.key_file is None else str(self.key_file),
+                           cert_reqs=ssl.CERT_REQUIRED, tls_version=ssl.PROTOCOL_TLS_CLIENT)
+        except (ssl.SSLError, OSError, ValueError) as e:
+            raise InputError(f"cannot use the MQTT TLS files (CA {self.ca_file}, certificate {self.cert_file}, "
+                             f"key {self.key_file}): {e}",
+                             hint="the CA must be PEM, the key must match the certificate and be unencrypted"
+                             ) from e
+
+
+@dataclass(frozen=True)
+class MqttSettings:
+    """How to talk to the broker beyond host:port (CLI: --mqtt-protocol, --mqtt-user,
+    --mqtt-password-file, --mqtt-tls-ca, --mqtt-cert, --mqtt-key)."""
+
+    protocol: int = 5  # 5 = MQTT 5, 4 = MQTT 3.1.1
+    username: str | None = None
+    password: str | None = None
+    tls: TlsOptions | None = None
+
+    def kwargs(self) -> dict[str, Any]:
+        return {"protocol": self.protocol, "username": self.username, "password": self.password, "tls": self.tls}
+
+
+# CONNACK reason codes that mean "the broker refuses us" (MQTT 5 reason codes / MQTT 3.1.1 return codes)
+_REFUSAL_HINTS = {
+    "Bad user name or password": "check --mqtt-user and --mqtt-password-file against the broker's password file",
+    "Not authorized": "the broker does not accept this client: check --mqtt-user and --mqtt-password-file "
+                      "(Mosquitto 2.0 answers a wrong password this way), the client certificate, and the "
+                      "broker's allow_anonymous / ACL",
+}
+
+
 def _dumps(obj: Any) -> str:
     return json.dumps(obj, separators=(",", ":"), allow_nan=False)
 
@@ -49,7 +107,10 @@ class MqttPublisher:
     def __init__(self, host: str, port: int, device_id: str, *, prefix: str = "edgekit",
                  birth: dict[str, Any], keepalive: int = 30, protocol: int = 5,
                  username: str | None = None, password: str | None = None, qos: int = 1,
-                 max_queued: int = 1000) -> None:
+                 max_queued: int = 1000, tls: TlsOptions | None = None, max_inflight: int = 20,
+                 birth_extra: Callable[[], dict[str, Any]] | None = None,
+                 on_ack: Callable[[int, bool], None] | None = None,
+                 on_connected: Callable[[], None] | None = None) -> None:
         try:
             import paho.mqtt.client as mqtt
         except ImportError as e:
@@ -70,13 +131,24 @@ class MqttPublisher:
         self._pending: set[int] = set()  # message ids published and not acknowledged yet
         self._early: set[int] = set()  # ids acknowledged before _publish recorded them
         self._mqtt = mqtt
+        self._birth_extra = birth_extra
+        self._on_ack = on_ack
+        self._on_connected = on_connected
+        self.protocol = protocol
+        self.state = "connecting"  # connecting | connected | unreachable | refused | disconnected | closed
+        self.last_error: str | None = None
+        self.rejected = 0  # publishes the broker answered with a failure reason code (MQTT 5, e.g. ACL)
+        self.connected_since: float | None = None  # time.time() of the current connection's CONNACK
         proto = mqtt.MQTTv5 if protocol == 5 else mqtt.MQTTv311
         client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=device_id, protocol=proto)
         client.will_set(self.topics["status"], _dumps(self._status("offline")), qos=1, retain=True)
         client.reconnect_delay_set(1, 60)
         client.max_queued_messages_set(max_queued)
+        client.max_inflight_messages_set(max_inflight)
         if username is not None:
             client.username_pw_set(username, password)
+        if tls is not None:
+            tls.apply(client)
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_connect_fail = self._on_connect_fail
@@ -107,34 +179,57 @@ class MqttPublisher:
 
     def _status(self, state: str) -> dict[str, Any]:
         if state == "online":
-            return {**self._birth, "state": "online", "device": self.device_id, "ts": time.time()}
+            extra = self._birth_extra() if self._birth_extra is not None else {}
+            return {**self._birth, **extra, "state": "online", "device": self.device_id, "ts": time.time()}
         return {"state": "offline", "device": self.device_id}
 
     def _on_connect(self, client: Any, userdata: Any, flags: Any, reason_code: Any, properties: Any) -> None:
         if reason_code.is_failure:
             self._failures += 1
-            log.error("MQTT broker %s:%s refused the connection: %s (check the user name, password and "
-                      "ACLs of device %r); retrying with back-off", self.host, self.port, reason_code,
-                      self.device_id)
+            name = str(reason_code)
+            hint = _REFUSAL_HINTS.get(name, "check the user name, password, certificate and ACLs")
+            self.state, self.last_error = "refused", f"{name} (CONNACK {int(reason_code.value)})"
+            level = logging.ERROR if self._failures <= 3 or self._failures % 20 == 0 else logging.DEBUG
+            log.log(level, "MQTT broker %s:%s refused the connection of device %r: %s (attempt %d): %s; the "
+                    "agent keeps running offline, spools telemetry and retries with back-off", self.host,
+                    self.port, self.device_id, self.last_error, self._failures, hint)
             return
         if self._failures:
             log.info("MQTT connected to %s:%s after %d failed attempts", self.host, self.port, self._failures)
         else:
             log.info("MQTT connected to %s:%s", self.host, self.port)
         self._failures = 0
+        self.state, self.last_error = "connected", None
+        self.connected_since = time.time()
         self._connected.set()
         if not self._closing:
             self._publish(self.topics["status"], _dumps(self._status("online")), retain=True)
+            if self._on_connected is not None:
+                self._on_connected()
 
     def _on_disconnect(self, client: Any, userdata: Any, flags: Any, reason_code: Any, properties: Any) -> None:
         was = self._connected.is_set()
         self._connected.clear()
+        self.connected_since = None
+        if self.state == "connected":
+            self.state = "disconnected"
+        elif not was and not self._closing and self.state != "refused":
+            # closed before any CONNACK: typically a TLS broker that rejected our certificate (or none)
+            self._failures += 1
+            self.state = "unreachable"
+            self.last_error = f"connection closed before it was accepted ({reason_code})"
+            level = logging.WARNING if self._failures == 1 or self._failures % 20 == 0 else logging.DEBUG
+            log.log(level, "cannot reach MQTT broker %s:%s: the connection was closed before it was accepted "
+                    "(%s; attempt %d): with TLS check --mqtt-tls-ca, --mqtt-cert and --mqtt-key; the agent keeps "
+                    "running offline and retries with back-off", self.host, self.port, reason_code, self._failures)
         if was and not self._closing:
             log.warning("MQTT connection to %s:%s lost (%s); telemetry is queued until it is back",
                         self.host, self.port, reason_code)
 
     def _on_connect_fail(self, client: Any, userdata: Any) -> None:
         self._failures += 1
+        if self.state != "refused":
+            self.state, self.last_error = "unreachable", f"cannot connect to {self.host}:{self.port}"
         level = logging.WARNING if self._failures == 1 else logging.DEBUG
         log.log(level, "cannot reach MQTT broker %s:%s (attempt %d); the agent keeps running offline and "
                 "retries with back-off up to 60 s", self.host, self.port, self._failures)
@@ -146,9 +241,16 @@ class MqttPublisher:
                 self._acked.notify_all()
             else:  # acknowledged before _publish recorded it
                 self._early.add(mid)
-        if reason_code.is_failure:
-            log.warning("MQTT broker %s:%s did not accept message %d: %s", self.host, self.port, mid,
-                        reason_code)
+        ok = not reason_code.is_failure
+        if not ok:
+            self.rejected += 1
+            level = logging.ERROR if self.rejected <= 3 or self.rejected % 100 == 0 else logging.DEBUG
+            log.log(level, "MQTT broker %s:%s refused message %d of device %r: %s (PUBACK %d; %d refused so far): "
+                    "check the broker's ACL for the %s/ topics; spooled windows stay in the spool", self.host,
+                    self.port, mid, self.device_id, reason_code, int(reason_code.value), self.rejected,
+                    self.topics["telemetry"].rsplit("/", 1)[0])
+        if self._on_ack is not None:
+            self._on_ack(mid, ok)
 
     # -------------------------------------------------------------------------------- publishing
 
@@ -167,6 +269,19 @@ class MqttPublisher:
             else:
                 self._pending.add(info.mid)
         return True
+
+    def publish_tracked(self, topic_key: str, payload: str | bytes) -> int | None:
+        """Queue one QoS 1 message on ``<prefix>/<device>/<topic_key>``; its message id (acknowledgements go
+        to ``on_ack(mid, ok)``), or None when paho's queue is full."""
+        info = self._client.publish(self.topics[topic_key], payload, qos=1)
+        if info.rc == self._mqtt.MQTT_ERR_QUEUE_SIZE:
+            return None
+        with self._acked:
+            if info.mid in self._early:
+                self._early.discard(info.mid)
+            else:
+                self._pending.add(info.mid)
+        return int(info.mid)
 
     @property
     def unacknowledged(self) -> int:
@@ -215,3 +330,4 @@ class MqttPublisher:
             self._client.disconnect()
             self._client.loop_stop()
             self._connected.clear()
+            self.state = "closed"

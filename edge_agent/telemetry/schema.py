@@ -25,7 +25,7 @@ FIELDS = (
 )
 # Fields added after edgekit.telemetry/1 was first published: a window may lack them (older agents), and
 # build_window adds them only when the caller passes them. Still schema /1: the change is additive.
-OPTIONAL_FIELDS = ("cpu_mhz",)
+OPTIONAL_FIELDS = ("cpu_mhz", "spool_depth", "spool_oldest_age_s")
 
 
 class _Absent:
@@ -59,12 +59,15 @@ def build_window(*, device: str, seq: int, ts_start: float, ts_end: float, model
                  backend_info: dict[str, Any], latencies_ns: Sequence[int] | np.ndarray,
                  power: dict[str, Any] | None, temp_c: float | None, cpu_pct: float | None,
                  rss_mb: float | None, throttled: bool | None, dropped: int,
-                 historical: bool = False, cpu_mhz: float | _Absent | None = ABSENT) -> dict[str, Any]:
+                 historical: bool = False, cpu_mhz: float | _Absent | None = ABSENT,
+                 spool: tuple[int, float | None] | None = None) -> dict[str, Any]:
     """One telemetry window (see docs/telemetry.md).
 
     ``power`` is ``None`` (no power source) or ``{"source": str, "mean_w": float | None,
     "idle_w": float | None}``. Timestamps are UNIX seconds (UTC) as floats. ``cpu_mhz`` (optional field,
-    placed after ``cpu_pct``) is included only when passed; ``None`` gives ``null``.
+    placed after ``cpu_pct``) is included only when passed; ``None`` gives ``null``. ``spool`` (optional
+    fields ``spool_depth``, ``spool_oldest_age_s``, placed after ``dropped``) is (windows waiting in the
+    durable spool, age in s of the oldest or None) when the agent spools telemetry.
     """
     lat = np.asarray(latencies_ns, dtype=np.int64)  # a list, numpy array or array('q') (no copy)
     count = int(lat.size)
@@ -98,6 +101,9 @@ def build_window(*, device: str, seq: int, ts_start: float, ts_end: float, model
         "throttled": throttled,
         "dropped": int(dropped),
     }
+    if spool is not None:
+        window["spool_depth"] = int(spool[0])
+        window["spool_oldest_age_s"] = _round(spool[1], 3)
     if isinstance(cpu_mhz, _Absent):
         return window
     out: dict[str, Any] = {}
@@ -136,7 +142,7 @@ def validate_window(d: Any) -> list[str]:
         problems.append(f"unknown fields: {', '.join(unknown)}")
     if "device" in d and (not isinstance(d["device"], str) or not d["device"]):
         problems.append("device: expected a non-empty string")
-    for key in ("seq", "count", "dropped"):
+    for key in ("seq", "count", "dropped", "spool_depth"):
         v = d.get(key)
         if key in d and (not isinstance(v, int) or isinstance(v, bool) or v < 0):
             problems.append(f"{key}: expected an integer >= 0, got {v!r}")
@@ -186,7 +192,8 @@ def validate_window(d: Any) -> list[str]:
                         problems.append("latency_ms: expected p50 <= p90 <= p95 <= p99 <= max")
                     if lat["mean"] > lat["max"] + 1e-9:
                         problems.append("latency_ms: mean exceeds max")
-    for key in ("fps", "energy_mj_per_inference", "temp_c", "cpu_pct", "rss_mb", "cpu_mhz"):
+    for key in ("fps", "energy_mj_per_inference", "temp_c", "cpu_pct", "rss_mb", "cpu_mhz",
+                "spool_oldest_age_s"):
         _opt_num(d, key, problems)
     power = d.get("power_w")
     if "power_w" in d:
