@@ -1,12 +1,27 @@
 """`edgekit convert`: model + device profile + calibration data -> a signed, validated bundle.
 
 Steps (each reported through ``progress`` and timed in the report):
-inspect -> calibration -> quantize -> validate -> golden -> package.
+inspect -> calibration -> quantize -> validate [-> ladder] -> golden [-> edgetpu] -> package [-> plot].
 
-The profile's ``target.format`` picks the path: ``onnx`` (a .onnx model, onnxruntime QDQ quantization,
-``converters/onnx_int8.py``) or ``tflite`` (a .keras/.h5/.hdf5 Keras model, a SavedModel folder or a float
-.tflite; TFLite conversion with LiteRT validation, ``converters/tflite_int8.py``). A model of the other
-kind is an ``InputError`` (ONNX -> TFLite through onnx2tf is a later step).
+The profile's ``target.format`` and the model pick the path: ``onnx`` (a .onnx model, onnxruntime QDQ
+quantization, ``converters/onnx_int8.py``); ``tflite`` with a .keras/.h5/.hdf5 Keras model, a SavedModel
+folder or a float .tflite (TFLite conversion with LiteRT validation, ``converters/tflite_int8.py``); or
+``tflite`` with a .onnx model (onnx2tf, run as an isolated tool in its own environment:
+``converters/convert_onnx2tf.py``, with a "tool env" step after inspect). A Keras/SavedModel/.tflite model
+for an ONNX profile is an ``InputError``.
+
+Edge TPU profiles (``runtime.delegates`` holds ``edgetpu``) get an ``edgetpu`` step after the golden files:
+with ``edgetpu_compiler`` (``converters/edgetpu.py``) the full-int8 model is compiled and the bundle ships
+both ``model_edgetpu.tflite`` (``manifest.model``) and the uncompiled ``model.tflite`` (``manifest.cpu_model``,
+what the agent runs when the Edge TPU delegate cannot load); without it the bundle is CPU-only and says so
+(its runtime delegates lose ``edgetpu``, ``validation.edgetpu.compiled`` is false), unless
+``require_edgetpu`` (then an ``InputError`` before any work).
+
+``progress`` is called as ``progress(step)`` when a step starts and as ``progress(message, fraction)`` for
+the onnx2tf tool's own progress (building its environment, converting), ``fraction`` in 0..1 or None: a
+callback for ONNX -> TFLite conversions must accept an optional second argument.
+
+With ``plot`` a PNG (``converters/report_plot.py``) is written next to the bundle: ``<bundle stem>.png``.
 
 Every change made on the way (batch fixed, opset upgraded, a workaround retried, fewer samples than
 asked for) is a plain-English note in ``report.json`` and in ``ConvertResult.report``.
@@ -52,9 +67,17 @@ from edge_agent.preprocess import Preprocessing
 from edge_agent.profiles import QUANT_MODES, Profile, QuantizationSection
 
 GOLDEN_COUNT = 4
+EDGETPU_VALIDATION_NOTE = ("validated on this host's CPU with LiteRT + XNNPACK (the uncompiled full-int8 model): "
+                           "the Edge TPU and its delegate (libedgetpu) are not used on this host")
 REPORT_SCHEMA = 1
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 _SEMVER = re.compile(r"\d+\.\d+\.\d+(?:-[0-9A-Za-z.-]+)?(?:\+[0-9A-Za-z.-]+)?")
+
+
+Progress = Callable[..., None]
+"""progress(step) when a step starts; progress(message, fraction) for a tool's own progress (see above)."""
+EDGETPU = "edgetpu"
+CPU_MODEL = "model.tflite"
 
 
 @dataclass(frozen=True)
@@ -62,14 +85,20 @@ class ConvertResult:
     bundle: Path
     manifest: Manifest
     report: dict[str, Any]
+    plot: Path | None = None  # the report's PNG next to the bundle (convert(plot=True))
 
 
 class _Steps:
     """Calls progress(step) and records how long each step took."""
 
-    def __init__(self, progress: Callable[[str], None] | None) -> None:
+    def __init__(self, progress: Progress | None) -> None:
         self.progress = progress
         self.timings: dict[str, float] = {}
+
+    def detail(self, message: str, fraction: float | None) -> None:
+        """A tool's own progress inside the current step: progress(message, fraction)."""
+        if self.progress is not None:
+            self.progress(message, fraction)
 
     @contextmanager
     def step(self, name: str) -> Iterator[None]:
@@ -84,7 +113,7 @@ class _Steps:
 
 
 def _check_args(model: Path, profile: Profile, name: str, version: str) -> str:
-    """The conversion path ("onnx" or "tflite") for this model and profile, or an InputError."""
+    """The conversion path ("onnx", "tflite" or "onnx2tf") for this model and profile, or an InputError."""
     fmt = profile.target.format
     if fmt == "onnx" and model.suffix.lower() != ".onnx":
         raise InputError(
@@ -94,14 +123,8 @@ def _check_args(model: Path, profile: Profile, name: str, version: str) -> str:
                  "profile (rpi4, rpi5, coral-usb, coral-devboard) for a Keras/SavedModel/.tflite model",
         )
     if fmt == "tflite" and model.suffix.lower() == ".onnx":
-        raise InputError(
-            f"profile {profile.name!r} targets format {fmt!r} and {model} is an ONNX model; ONNX to TFLite "
-            "conversion (through onnx2tf) arrives in a later version of edgekit",
-            hint="convert the Keras/SavedModel source of the model instead; or run onnx2tf yourself in its own "
-                 "environment and convert the float .tflite it writes; or use an ONNX profile (x86-64, "
-                 "jetson-nano, jetson-orin-nano)",
-        )
-    if fmt == "tflite":
+        fmt = "onnx2tf"
+    elif fmt == "tflite":
         if not model.exists():
             raise ModelError(f"model file {model} does not exist",
                              hint="check the path to the .keras/.h5/.hdf5/.tflite file or SavedModel folder")
@@ -431,15 +454,152 @@ class _Job:
     notes: list[str]
     latency_runs: int
     val: str | None = None
+    edgetpu: _EdgeTpuPlan | None = None
+    allow_float_ops: bool = False
+    onnx2tf_env: Path | None = None
+    offline: bool = False
+
+
+# --------------------------------------------------------------------------------------------------
+# the Edge TPU step (TFLite paths, profiles whose runtime.delegates hold "edgetpu")
+
+
+@dataclass(frozen=True)
+class _EdgeTpuPlan:
+    """Decided before any work: compile with ``compiler``, or write a CPU-only bundle (``why``)."""
+
+    decision: str  # "compile" | "cpu_only"
+    compiler: Path | None
+    why: str | None = None  # cpu_only for another reason than a missing compiler: that reason
+
+
+@dataclass(frozen=True)
+class _EdgeTpuOutcome:
+    """What the edgetpu step hands to packaging."""
+
+    model_member: str
+    model_file: Path
+    cpu_model_file: Path | None  # the uncompiled model, packaged as CPU_MODEL next to the compiled one
+    runtime: dict[str, Any]
+    report: dict[str, Any]  # report.json's "edgetpu" section
+    summary: dict[str, Any]  # the manifest's validation.edgetpu
+
+
+def _plan_edgetpu(profile: Profile, q: QuantizationSection, require: bool, compiler: str | Path | None,
+                  notes: list[str]) -> _EdgeTpuPlan | None:
+    """None for a profile without the edgetpu delegate; else compile or CPU-only (``edgetpu.decide``), or an
+    InputError when ``require`` cannot be met."""
+    from converters.edgetpu import decide, find_compiler
+
+    if EDGETPU not in profile.runtime.delegates:
+        if require or compiler is not None:
+            notes.append(f"--require-edgetpu / --edgetpu-compiler apply to Edge TPU profiles (coral-usb, "
+                         f"coral-devboard) only; profile {profile.name!r} has no edgetpu delegate")
+        return None
+    if profile.target.format != "tflite":
+        raise InputError(f"profile {profile.name!r} lists the edgetpu delegate but targets format "
+                         f"{profile.target.format!r}; the Edge TPU runs TFLite models only",
+                         hint="set target.format = \"tflite\" in the profile")
+    if q.mode != "int8":
+        if require:
+            raise InputError(f"--require-edgetpu: the Edge TPU runs only full-integer int8 models, and "
+                             f"quantization mode {q.mode!r} cannot be compiled for it",
+                             hint="drop --mode (the Coral profiles' mode is int8), or drop --require-edgetpu")
+        return _EdgeTpuPlan("cpu_only", None, f"quantization mode {q.mode!r} is not full-integer int8, the only "
+                                              "kind of model edgetpu_compiler compiles")
+    found = find_compiler(compiler)
+    return _EdgeTpuPlan(decide(found, require), found)
+
+
+def _check_compiled_io(compiled: Path, inputs: list[TensorSpec], outputs: list[TensorSpec]) -> None:
+    """The compiled model must keep the uncompiled model's tensors (names, shapes, dtypes, quantization): the
+    manifest describes both, and the agent matches them by name. It is read without allocating tensors (its
+    edgetpu-custom-op runs only with libedgetpu)."""
+    from converters.tflite_int8 import litert, spec_from_detail
+
+    interpreter_cls, resolver = litert()
+    try:
+        it = interpreter_cls(model_path=str(compiled),
+                             experimental_op_resolver_type=resolver.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
+        got = ([spec_from_detail(d) for d in it.get_input_details()],
+               [spec_from_detail(d) for d in it.get_output_details()])
+    except (ValueError, RuntimeError) as e:
+        raise ConversionError(f"LiteRT cannot read the compiled model {compiled.name}: {e} (step: edgetpu)",
+                              hint="run edgetpu_compiler by hand on the model to see what it wrote") from e
+
+    def same(a: TensorSpec, b: TensorSpec) -> bool:
+        return (a.name, a.dtype, tuple(a.shape), a.zero_point) == (b.name, b.dtype, tuple(b.shape), b.zero_point) \
+            and (a.scale is None) == (b.scale is None) and (a.scale is None or math.isclose(a.scale, b.scale or 0,
+                                                                                         rel_tol=1e-6))
+
+    for kind, want, have in (("inputs", inputs, got[0]), ("outputs", outputs, got[1])):
+        if len(want) != len(have) or not all(same(a, b) for a, b in zip(want, have, strict=False)):
+            raise ConversionError(
+                f"the compiled model {compiled.name} has other {kind} than the model it was compiled from: "
+                f"{[t.to_dict() for t in have]} instead of {[t.to_dict() for t in want]} (step: edgetpu)",
+                hint="report it to the edgekit issue tracker with the edgetpu_compiler version")
+
+
+def _edgetpu_step(job: _Job, quant: Path, work: Path, q_inputs: list[TensorSpec],
+                  q_outputs: list[TensorSpec]) -> _EdgeTpuOutcome | None:
+    """Compile ``quant`` for the Edge TPU, or make the bundle CPU-only, as ``job.edgetpu`` planned."""
+    from converters.edgetpu import compile_for_edgetpu, cpu_only_note, missing_compiler_message
+
+    plan = job.edgetpu
+    if plan is None:
+        return None
+    runtime = _runtime(job.profile)
+    with job.steps.step("edgetpu"):
+        if plan.decision == "compile":
+            assert plan.compiler is not None
+            compiled, rep = compile_for_edgetpu(quant, work / "edgetpu", compiler=plan.compiler)
+            _check_compiled_io(compiled, q_inputs, q_outputs)
+            job.notes.append(rep.summary())
+            job.notes.extend(rep.warnings)
+            job.notes.append(f"the bundle holds the model compiled for the Edge TPU ({compiled.name}, manifest "
+                             f"model) and the uncompiled full-int8 model ({CPU_MODEL}, manifest cpu_model), which "
+                             "the agent runs on the CPU when the Edge TPU delegate cannot load")
+            first = rep.first_unmapped_op
+            return _EdgeTpuOutcome(
+                model_member=compiled.name, model_file=compiled, cpu_model_file=quant, runtime=runtime,
+                report={"status": "compiled", "compiler": str(plan.compiler), **rep.to_dict()},
+                summary={"compiled": True, "mapped_ops": rep.mapped_ops, "cpu_ops": rep.cpu_ops,
+                         "first_unmapped_op": first["op"] if first else None,
+                         "on_chip_bytes": rep.on_chip_memory_used_bytes})
+        if plan.why is None:
+            note = cpu_only_note()
+        else:
+            note = (f"the model was not compiled for the Edge TPU ({plan.why}), so this bundle is CPU-only: on "
+                    "the device it runs on the CPU with LiteRT, and the Edge TPU is not used")
+        job.notes.append(note)
+        delegates = [d for d in runtime["delegates"] if d != EDGETPU]
+        if "xnnpack" not in delegates:
+            delegates.append("xnnpack")
+        job.notes.append(f"runtime.delegates of this CPU-only bundle: {delegates} (the profile's {EDGETPU!r} is "
+                         "dropped, so the agent does not load libedgetpu for a model the Edge TPU cannot run)")
+        runtime["delegates"] = delegates
+        return _EdgeTpuOutcome(
+            model_member=CPU_MODEL, model_file=quant, cpu_model_file=None, runtime=runtime,
+            report={"status": "cpu_only", "reason": plan.why or "edgetpu_compiler is not installed", "note": note,
+                    "install": missing_compiler_message()},
+            summary={"compiled": False})
+
+
+# --------------------------------------------------------------------------------------------------
+# packaging
 
 
 def _package(job: _Job, model_member: str, model_file: Path, fmt: str, engine: str, tools: dict[str, str],
              report: dict[str, Any], q_inputs: list[TensorSpec], q_outputs: list[TensorSpec],
              golden: tuple[dict[str, np.ndarray], dict[str, np.ndarray], float], pre: Preprocessing | None,
-             quantization: dict[str, Any], validation: dict[str, Any]) -> ConvertResult:
+             quantization: dict[str, Any], validation: dict[str, Any],
+             edgetpu: _EdgeTpuOutcome | None = None) -> ConvertResult:
     from converters.package import build_bundle, golden_npz
 
     golden_in, golden_out, atol = golden
+    if edgetpu is not None:
+        model_member, model_file = edgetpu.model_member, edgetpu.model_file
+        report["edgetpu"] = _finite(edgetpu.report)
     manifest_fields: dict[str, Any] = {
         "name": job.name,
         "version": job.version,
@@ -449,7 +609,7 @@ def _package(job: _Job, model_member: str, model_file: Path, fmt: str, engine: s
         "model": model_member,
         "inputs": [_fixed(t).to_dict() for t in q_inputs],
         "outputs": [_fixed(t).to_dict() for t in q_outputs],
-        "runtime": _runtime(job.profile),
+        "runtime": edgetpu.runtime if edgetpu is not None else _runtime(job.profile),
         "tools": tools,
         "preprocessing": pre.to_dict() if pre is not None else None,
         "labels": "labels.txt" if job.labels is not None else None,
@@ -468,6 +628,11 @@ def _package(job: _Job, model_member: str, model_file: Path, fmt: str, engine: s
         "golden/outputs.npz": golden_npz(golden_out),
         "report.json": (json.dumps(report, indent=2) + "\n").encode("utf-8"),
     }
+    if edgetpu is not None:
+        manifest_fields["validation"]["edgetpu"] = _finite(edgetpu.summary)
+        if edgetpu.cpu_model_file is not None:
+            manifest_fields["cpu_model"] = CPU_MODEL
+            members[CPU_MODEL] = edgetpu.cpu_model_file
     if job.label_names is not None:  # the text already read and checked, not a second read of the file
         members["labels.txt"] = ("\n".join(job.label_names) + "\n").encode("utf-8")
     with job.steps.step("package"):
@@ -481,10 +646,12 @@ def _package(job: _Job, model_member: str, model_file: Path, fmt: str, engine: s
 
 def convert(model: Path, profile: Profile, calib: str, out_dir: Path, key: Path, *, name: str | None = None,
             version: str = "1.0.0", preprocessing: Preprocessing | None = None, labels: Path | None = None,
-            seed: int = 0, threads: int | None = None, progress: Callable[[str], None] | None = None,
+            seed: int = 0, threads: int | None = None, progress: Progress | None = None,
             latency_runs: int = 200, mode: str | None = None, allow_float_ops: bool = False,
             label_column: str | int | None = None, val: str | None = None,
-            overrides: Overrides | None = None) -> ConvertResult:
+            overrides: Overrides | None = None, require_edgetpu: bool = False,
+            edgetpu_compiler: str | Path | None = None, onnx2tf_env: Path | None = None, offline: bool = False,
+            plot: bool = False) -> ConvertResult:
     """Quantize ``model`` for ``profile``, validate it against the float model, gate it, and write a signed bundle.
 
     The bundle is ``out_dir / f"{name}-{version}-{profile.name}.edgebundle"``. ``mode`` overrides the
@@ -492,6 +659,12 @@ def convert(model: Path, profile: Profile, calib: str, out_dir: Path, key: Path,
     int8 kernel in float (listed in the report); ``label_column`` names the label column of a CSV source;
     ``val`` is a validation source separate from ``calib`` (else validation samples are split from it);
     ``overrides`` replace quantization settings and gate thresholds of the profile.
+
+    Edge TPU profiles: ``edgetpu_compiler`` is the compiler to run (default: ``edgetpu_compiler`` on PATH);
+    without one the bundle is CPU-only, or with ``require_edgetpu`` an ``InputError`` is raised before any
+    work. ONNX -> TFLite: ``onnx2tf_env`` is the onnx2tf tool environment's folder (default
+    ``onnx2tf_tool.default_env_dir()``), built on first use unless ``offline`` (then a missing environment is
+    an ``InputError``). ``plot`` writes the report's PNG next to the bundle (``ConvertResult.plot``).
 
     When the quantized model fails the accuracy gate (``converters.gate``), the recovery ladder
     (``converters.ladder``) runs unless it is turned off; when nothing passes, a ``GateError`` (exit 1)
@@ -503,18 +676,36 @@ def convert(model: Path, profile: Profile, calib: str, out_dir: Path, key: Path,
     notes: list[str] = []
     q = _quantization(profile, mode, notes)
     q = _apply_overrides(q, overrides or Overrides(), notes)
+    plan = _plan_edgetpu(profile, q, require_edgetpu, edgetpu_compiler, notes)
+    if fmt != "onnx2tf" and (offline or onnx2tf_env is not None):
+        notes.append("--offline / --onnx2tf-env apply to ONNX -> TFLite conversion (onnx2tf) only")
     label_names = _read_labels(Path(labels)) if labels is not None else None
+    steps = _Steps(progress)
     job = _Job(model=model, profile=profile, q=q, calib=calib, out_dir=Path(out_dir), key=Path(key), name=name,
                version=version, preprocessing=preprocessing, labels=Path(labels) if labels is not None else None,
                label_names=label_names, label_column=label_column, seed=seed,
-               threads=threads or min(profile.runtime.threads, os.cpu_count() or 1), steps=_Steps(progress),
-               notes=notes, latency_runs=latency_runs, val=val)
+               threads=threads or min(profile.runtime.threads, os.cpu_count() or 1), steps=steps,
+               notes=notes, latency_runs=latency_runs, val=val, edgetpu=plan, allow_float_ops=allow_float_ops,
+               onnx2tf_env=Path(onnx2tf_env) if onnx2tf_env is not None else None, offline=offline)
     if fmt == "onnx":
         if allow_float_ops:
             notes.append("--allow-float-ops applies to TFLite conversion only; onnxruntime's QDQ models keep "
                          "unquantizable ops in float anyway")
-        return _convert_onnx(job)
-    return _convert_tflite(job, allow_float_ops)
+        result = _convert_onnx(job)
+    elif fmt == "onnx2tf":
+        from converters.convert_onnx2tf import convert_onnx2tf
+
+        result = convert_onnx2tf(job)
+    else:
+        result = _convert_tflite(job, allow_float_ops)
+    if not plot:
+        return result
+    from converters.report_plot import plot_report
+
+    with steps.step("plot"):
+        png = plot_report(result.report, result.bundle.with_suffix(".png"), labels=label_names)
+    result.report["timings_s"] = dict(steps.timings)
+    return dataclasses.replace(result, plot=png)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -870,15 +1061,14 @@ def _convert_tflite(job: _Job, allow_float_ops: bool) -> ConvertResult:
                 notes.append(f"on this host LiteRT's XNNPACK delegate took {xnn['delegated_nodes']} of "
                              f"{xnn['total_nodes']} nodes; the others run on LiteRT's built-in kernels")
             if edgetpu:
-                notes.append("validated on this host's CPU with LiteRT + XNNPACK: the Edge TPU delegate "
-                             "(libedgetpu) is not used here, and compiling the model for the Edge TPU "
-                             "(edgetpu_compiler) is a later step")
+                notes.append(EDGETPU_VALIDATION_NOTE)
             if edgetpu and conversion.kept_float:
                 notes.append(f"the Edge TPU runs integer ops only: the {len(conversion.kept_float)} op(s) kept in "
                              "float, and every op after the first of them, will run on the CPU")
 
         with steps.step("golden"):
             golden_in, golden_out, atol = _golden_tflite(quant, val)
+        tpu = _edgetpu_step(job, quant, work, q_inputs, q_outputs)
 
         pre = samples.preprocessing or val.preprocessing or job.preprocessing
         io_dtype = q_inputs[0].dtype if q.mode == "int8" else "float32"
@@ -916,5 +1106,5 @@ def _convert_tflite(job: _Job, allow_float_ops: bool) -> ConvertResult:
             "notes": notes,
             "timings_s": dict(steps.timings),
         })
-        return _package(job, "model.tflite", quant, "tflite", "litert", _tflite_tools(conversion.tools), report,
-                        q_inputs, q_outputs, (golden_in, golden_out, atol), pre, quantization, validation)
+        return _package(job, CPU_MODEL, quant, "tflite", "litert", _tflite_tools(conversion.tools), report,
+                        q_inputs, q_outputs, (golden_in, golden_out, atol), pre, quantization, validation, tpu)

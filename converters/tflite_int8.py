@@ -840,6 +840,34 @@ def convert_tflite_model(source: TFLiteSource, dst: Path, mode: str, calib: np.n
     return TFLiteConversion(notes, float_ops, tools, kept)
 
 
+def check_written_model(model: Path, sample: np.ndarray, mode: str, *, allow_float_ops: bool, edgetpu: bool,
+                        writer: str) -> tuple[list[FloatOp], list[str]]:
+    """The checks ``convert_tflite_model`` makes, for a .tflite another converter wrote (``writer``, e.g.
+    "onnx2tf"): an int8 model with ops still computing in float is a ``ConversionError`` unless
+    ``allow_float_ops`` (then they are returned and noted), and the model must load and run ``sample`` (a
+    float sample with its batch axis, in the model's layout) in LiteRT. Returns (float ops, notes)."""
+    data = Path(model).read_bytes()
+    notes: list[str] = []
+    float_ops: list[FloatOp] = []
+    if mode == "int8":
+        float_ops = find_float_ops(data)
+        if float_ops and not allow_float_ops:
+            raise _float_op_error(float_ops, f"by {writer} left")
+        if float_ops:
+            notes.append(f"--allow-float-ops: {len(float_ops)} op(s) of the model {writer} wrote stay in float "
+                         f"({', '.join(sorted({op.op for op in float_ops}))}); they are listed in the report "
+                         "under float_ops")
+            if edgetpu:
+                notes.append("the Edge TPU runs integer ops only: the float ops, and every op after the first "
+                             "of them, will run on the CPU")
+        elif allow_float_ops:
+            notes.append("--allow-float-ops was given, but every op got an int8 kernel")
+    if edgetpu and mode != "int8":
+        notes.append(f"the Edge TPU runs only full-integer int8 models: a {mode} model runs on the CPU only")
+    _check_loads(data, sample, {"int8": "full-integer", "none": "float"}.get(mode, mode))
+    return float_ops, notes
+
+
 def float_reference(source: TFLiteSource, dst: Path) -> None:
     """The float32 .tflite of ``source`` (mode none, batch 1) at ``dst``: the reference for validation."""
     if source.kind == "tflite":

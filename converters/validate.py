@@ -5,6 +5,10 @@ with onnxruntime on the host CPU. Latency is measured with both models interleav
 (after a warm-up that is not counted), so machine noise hits both alike. The figures are reported as
 measured: int8 is not assumed to be faster (on tiny models it often is slower), and host latency is not
 device latency.
+
+For the report's plot (``converters/report_plot.py``) the comparison also keeps, small enough for
+``report.json``: per output, a histogram of |fp32 - quantized| over every output element (log-spaced bin
+edges and counts, not the raw errors), and with labels the per-class top-1 accuracy of both models.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from edge_agent.errors import ConversionError
 from edge_agent.stats import latency_summary_ms, ratio
 
 BLOCK = 20  # inferences per model per block of the interleaved latency run
+HIST_BINS = 30  # bins of the |fp32 - quantized| error histogram kept in the report
 
 
 def host_cpu(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
@@ -130,6 +135,42 @@ def quality_figures(val: Samples, names: list[str], out_fp32: list[np.ndarray],
     return result
 
 
+def error_histogram(fp32: np.ndarray, quant: np.ndarray, bins: int = HIST_BINS) -> dict[str, Any]:
+    """|fp32 - quantized| over every element of one output, for the report's plot, kept small: ``bins``
+    log-spaced bins over the non-zero errors (``edges``, ``counts``), how many errors were exactly ``zero``
+    and how many were not finite (``non_finite``), of ``total``."""
+    err = np.abs(np.asarray(fp32, np.float64) - np.asarray(quant, np.float64)).ravel()
+    finite = err[np.isfinite(err)]
+    nonzero = finite[finite > 0]
+    out: dict[str, Any] = {"edges": [], "counts": [], "zero": int(finite.size - nonzero.size),
+                           "non_finite": int(err.size - finite.size), "total": int(err.size)}
+    if nonzero.size:
+        lo, hi = float(nonzero.min()), float(nonzero.max())
+        if hi <= lo:
+            lo, hi = lo / 1.5, hi * 1.5
+        edges = np.geomspace(lo, hi, bins + 1)
+        counts, _ = np.histogram(nonzero, edges)
+        out.update(edges=[float(f"{e:.6g}") for e in edges], counts=[int(c) for c in counts])
+    return out
+
+
+def per_class_accuracy(fp32: np.ndarray, quant: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
+    """Per class (index = label): how many validation samples it has, and the top-1 accuracy of the fp32 and
+    the quantized model on them (None for a class without samples)."""
+    classes = int(fp32.reshape(len(fp32), -1).shape[1])
+    pred_fp32 = fp32.reshape(len(fp32), -1).argmax(-1)
+    pred_quant = quant.reshape(len(quant), -1).argmax(-1)
+    labels = np.asarray(labels).astype(np.int64)
+    count, acc_fp32, acc_quant = [], [], []
+    for c in range(classes):
+        mask = labels == c
+        n = int(mask.sum())
+        count.append(n)
+        acc_fp32.append(float(np.mean(pred_fp32[mask] == c)) if n else None)
+        acc_quant.append(float(np.mean(pred_quant[mask] == c)) if n else None)
+    return {"classes": classes, "count": count, "accuracy_fp32": acc_fp32, "accuracy_quant": acc_quant}
+
+
 def comparison_figures(fp32: Path, quant: Path, val: Samples, names: list[str], out_fp32: list[np.ndarray],
                        out_quant: list[np.ndarray], lat_fp32: list[int], lat_quant: list[int], *, runs: int,
                        warmup: int, where: str) -> dict[str, Any]:
@@ -149,7 +190,11 @@ def comparison_figures(fp32: Path, quant: Path, val: Samples, names: list[str], 
         "speedup": ratio(p50_fp32, p50_quant) if p50_fp32 is not None and p50_quant is not None else None,
         "latency": {"fp32": sum_fp32, "quant": sum_quant, "runs": runs, "warmup": warmup, "block": BLOCK,
                     "note": f"measured {where}, not on the device"},
+        "error_histograms": {n: error_histogram(a, b) for n, a, b in zip(names, out_fp32, out_quant, strict=True)},
+        "per_class": None,
     })
+    if result.get("accuracy_output") is not None and val.labels is not None:
+        result["per_class"] = per_class_accuracy(out_fp32[0], out_quant[0], val.labels)
     return result
 
 def compare_onnx(fp32: Path, quant: Path, val: Samples, threads: int, warmup: int = 10,

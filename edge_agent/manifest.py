@@ -60,6 +60,9 @@ class Manifest:
     labels: str | None = None  # member name of a labels file, one class per line
     golden: dict[str, Any] | None = None  # {"inputs": member, "outputs": member, "atol": float}
     report: str | None = None  # member name of the validation report (JSON)
+    # member name of a model the CPU can run in place of ``model`` when the accelerator delegate cannot load
+    # (an Edge TPU bundle: ``model`` is compiled by edgetpu_compiler, ``cpu_model`` is the uncompiled one)
+    cpu_model: str | None = None
     quantization: dict[str, Any] = field(default_factory=dict)
     validation: dict[str, Any] = field(default_factory=dict)
     schema: int = MANIFEST_SCHEMA
@@ -153,7 +156,7 @@ def parse_manifest(data: Any) -> Manifest:
     model = check_member_name(_need(data, "model", str))
     if model not in files:
         raise BundleError(f"manifest.model {model!r} is not listed in manifest.files", reason="malformed")
-    for key in ("labels", "report"):
+    for key in ("labels", "report", "cpu_model"):
         if data.get(key) is not None and check_member_name(_need(data, key, str)) not in files:
             raise BundleError(f"manifest.{key} {data[key]!r} is not listed in manifest.files",
                               reason="malformed")
@@ -196,6 +199,7 @@ def parse_manifest(data: Any) -> Manifest:
         labels=data.get("labels"),
         golden=golden,
         report=data.get("report"),
+        cpu_model=data.get("cpu_model"),
         quantization=data.get("quantization") or {},
         validation=data.get("validation") or {},
         schema=schema,

@@ -21,7 +21,10 @@ import pytest
 
 from converters import onnx2tf_tool as o2t
 from edge_agent.errors import ConversionError, InputError, ModelError
+from tests import onnx2tf_env
 from tests.models import tiny_cnn, tiny_mlp
+
+onnx2tf_python = onnx2tf_env.onnx2tf_python  # the real tool environment (a shared session fixture)
 
 # --------------------------------------------------------------------------------------------------
 # requirements, hash, cache location
@@ -666,24 +669,6 @@ def test_onnx_to_tflite_input_errors(tmp_path: Path, fake_tool: tuple[Path, Path
 
 # --------------------------------------------------------------------------------------------------
 # end to end: the real onnx2tf environment, a real conversion, LiteRT against onnxruntime
-
-
-@pytest.fixture(scope="session")
-def onnx2tf_python() -> Path:
-    """The real tool environment in ~/.cache/edgekit, built once per machine (reused across runs)."""
-    t0 = time.perf_counter()
-    built = not o2t.installed()
-    try:
-        py = o2t.ensure_env()
-    except InputError as e:  # this Python cannot build it (version)
-        pytest.skip(f"cannot build the onnx2tf environment with {sys.executable}: {e.message}")
-    except ConversionError as e:
-        if "(step: pip install)" in e.message or "(step: venv)" in e.message:
-            pytest.skip(f"pip cannot install the onnx2tf pins here: {e.message.splitlines()[-2:]}")
-        raise
-    if built:
-        print(f"\nonnx2tf environment built in {time.perf_counter() - t0:.1f} s at {o2t.default_env_dir()}")
-    return py
 
 
 @pytest.mark.slow

@@ -25,6 +25,11 @@ with XNNPACK and the backend is *degraded* (``degraded_reason`` names the librar
 text and ``firmware_notes/<profile>.md``); without it, a ``BackendError`` (exit code 1: a required
 accelerator that is missing is a failure of the work, not bad input) with the same text and a hint.
 
+A model compiled for the Edge TPU cannot run on the CPU at all (its ``edgetpu-custom-op`` needs libedgetpu):
+such a bundle also ships the uncompiled full-int8 model as ``manifest.cpu_model``, and when the CPU fallback
+is taken while the edgetpu delegate is not in use, that model is loaded in place of ``manifest.model`` (the
+degraded reason says so).
+
 A delegate that loads but takes none of the model's nodes is no more use than a missing one: when it is
 the profile's *first* delegate the backend is degraded as well (an accelerator delegate, e.g. the Edge TPU
 with a model not compiled by edgetpu_compiler, is a ``BackendError`` without ``cpu_fallback``; XNNPACK
@@ -224,7 +229,7 @@ class TFLiteBackend:
 
     def __init__(self, model_path: Path, *, inputs: tuple[TensorSpec, ...], outputs: tuple[TensorSpec, ...],
                  runtime: dict[str, Any], profile: str, threads: int | None = None,
-                 health_feeds: Sequence[np.ndarray] | None = None) -> None:
+                 health_feeds: Sequence[np.ndarray] | None = None, cpu_model_path: Path | None = None) -> None:
         self.inputs = inputs
         self.outputs = outputs
         self._interp: Any = None
@@ -245,17 +250,12 @@ class TFLiteBackend:
         model_path = Path(model_path)
         if not model_path.is_file():
             raise ModelError(f"model file {model_path} does not exist", hint="rebuild the bundle with edgekit")
+        if cpu_model_path is not None and not Path(cpu_model_path).is_file():
+            raise ModelError(f"CPU model file {cpu_model_path} does not exist",
+                             hint="rebuild the bundle with edgekit")
         resolver = rt.module.OpResolverType
 
-        # 1. the model alone: parses it, checks it against the manifest and counts its nodes (M)
-        plain = self._build(model_path, n_threads, resolver.BUILTIN_WITHOUT_DEFAULT_DELEGATES, [])
-        try:
-            self._in_idx, self._out_idx, dynamic = self._match_io(plain, model_path)
-            total_nodes = len(plain._get_ops_details())
-        finally:
-            del plain
-
-        # 2. the delegates with a library, in the profile's order
+        # 1. the delegates with a library, in the profile's order
         loaded: list[tuple[DelegateSpec, Any]] = []
         failures: list[str] = []
         for spec in specs:
@@ -272,6 +272,11 @@ class TFLiteBackend:
         want_xnnpack = any(s.name == XNNPACK for s in specs)
         reason = self._decide(failures, specs, cpu_fallback, profile)
         use_xnnpack = want_xnnpack or reason is not None  # the CPU fallback runs with XNNPACK
+        if reason is not None:
+            model_path, reason = self._cpu_model(model_path, cpu_model_path, specs, loaded, reason)
+
+        # 2. the model alone: parses it, checks it against the manifest and counts its nodes (M)
+        self._in_idx, self._out_idx, dynamic, total_nodes = self._inspect(model_path, n_threads)
 
         # 3. the interpreter that will run, delegates applied
         kind = resolver.BUILTIN if use_xnnpack else resolver.BUILTIN_WITHOUT_DEFAULT_DELEGATES
@@ -282,6 +287,11 @@ class TFLiteBackend:
                 raise
             reason = self._decide([e.message], specs, cpu_fallback, profile)
             loaded, use_xnnpack = [], True
+            assert reason is not None
+            cpu_path, reason = self._cpu_model(model_path, cpu_model_path, specs, loaded, reason)
+            if cpu_path != model_path:
+                model_path = cpu_path
+                self._in_idx, self._out_idx, dynamic, total_nodes = self._inspect(model_path, n_threads)
             interp = self._build(model_path, n_threads, resolver.BUILTIN, [])
         self._interp = interp
         self._delegates = [d for _, d in loaded]  # kept alive as long as the interpreter
@@ -336,6 +346,36 @@ class TFLiteBackend:
         }
 
     # ---- construction helpers
+
+    def _inspect(self, model_path: Path, threads: int) -> tuple[list[int], list[int], dict[str, tuple[int, Any]],
+                                                                int]:
+        """The model alone (no delegate, not allocated): I/O indices checked against the manifest, the dynamic
+        inputs, and its node count M."""
+        plain = self._build(model_path, threads, self._rt.module.OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES,
+                            [])
+        try:
+            in_idx, out_idx, dynamic = self._match_io(plain, model_path)
+            return in_idx, out_idx, dynamic, len(plain._get_ops_details())
+        finally:
+            del plain
+
+    @staticmethod
+    def _cpu_model(model_path: Path, cpu_model_path: Path | None, specs: list[DelegateSpec],
+                   loaded: list[tuple[DelegateSpec, Any]], reason: str) -> tuple[Path, str]:
+        """(the model to run, the degraded reason) once the CPU fallback was decided.
+
+        A model compiled for the Edge TPU cannot run without it (its ``edgetpu-custom-op`` needs libedgetpu):
+        when the edgetpu delegate is not in use and the bundle has a ``cpu_model``, that model runs instead.
+        """
+        wanted = any(s.name == EDGETPU for s in specs)
+        in_use = any(s.name == EDGETPU for s, _ in loaded)
+        if cpu_model_path is None or not wanted or in_use:
+            return model_path, reason
+        cpu_model_path = Path(cpu_model_path)
+        log.warning("the Edge TPU delegate is not in use: running %s in place of %s", cpu_model_path.name,
+                    model_path.name)
+        return cpu_model_path, (f"{reason}; the bundle's CPU model {cpu_model_path.name} (not compiled for the "
+                                f"Edge TPU) runs in place of {model_path.name}, which needs the Edge TPU")
 
     def _build(self, model_path: Path, threads: int, resolver: Any, delegates: list[Any],
                applying: list[tuple[DelegateSpec, Any]] | None = None) -> Any:
@@ -513,4 +553,14 @@ def create(manifest: Manifest, model_path: Path, *, threads: int | None = None,
     """Registry entry point (see edge_agent.backends.create_backend)."""
     return TFLiteBackend(model_path, inputs=manifest.inputs, outputs=manifest.outputs,
                          runtime=dict(manifest.runtime), profile=manifest.profile, threads=threads,
-                         health_feeds=health_feeds)
+                         health_feeds=health_feeds, cpu_model_path=_member_beside(manifest, model_path))
+
+
+def _member_beside(manifest: Manifest, model_path: Path) -> Path | None:
+    """The path of ``manifest.cpu_model`` in the folder that holds ``manifest.model`` at ``model_path``."""
+    if manifest.cpu_model is None:
+        return None
+    root = Path(model_path)
+    for _ in manifest.model.split("/"):
+        root = root.parent
+    return root.joinpath(*manifest.cpu_model.split("/"))
