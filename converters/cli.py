@@ -1,7 +1,11 @@
-"""`edgekit`: the host command line (profiles, keys, bundles, convert).
+"""`edgekit`: the host command line (profiles, keys, bundles, convert, tools).
 
 Exit codes: 0 ok, 1 failure of the work, 2 bad usage or bad input. Every command whose output a script
 may read has ``--json``; errors are then printed as a JSON object on stdout as well as on stderr.
+
+``convert --profile a,b,c`` converts for each profile in its own process (``converters/multi.py``), with
+one progress row per profile and a summary table at the end (``--json``: a list of per-profile results);
+its exit code is 0 when every profile succeeded, 2 when any failed on bad input, else 1.
 """
 
 from __future__ import annotations
@@ -9,10 +13,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from converters.monitor_cli import register as register_monitor
 from edge_agent import __version__
 from edge_agent.errors import EdgekitError, InputError
 from edge_agent.profiles import PROFILES_ENV, Profile, available_profiles, load_profile
@@ -127,10 +133,28 @@ def cmd_bundle_inspect(args: argparse.Namespace) -> int:
         print(f"  output {t['name']} {t['shape']} {t['dtype']}")
     for member in info["members"]:
         print(f"  member {member['name']} ({member['size']} bytes)")
-    v = m.get("validation") or {}
+    if m.get("cpu_model"):
+        print(f"  cpu model {m['cpu_model']} (run when the accelerator delegate cannot load)")
+    v = dict(m.get("validation") or {})
+    tpu = v.pop("edgetpu", None)
+    if isinstance(tpu, dict):
+        print(f"  edge tpu: {edgetpu_line(tpu)}")
     if v:
         print("  validation: " + ", ".join(f"{k}={v[k]}" for k in sorted(v)))
     return 0
+
+
+def edgetpu_line(tpu: dict[str, Any]) -> str:
+    """The manifest's validation.edgetpu in words."""
+    if not tpu.get("compiled"):
+        return "CPU-only (not compiled for the Edge TPU: the model runs on the CPU)"
+    mapped, cpu = tpu.get("mapped_ops"), tpu.get("cpu_ops")
+    text = f"compiled: {mapped} ops on the Edge TPU, {cpu} on the CPU"
+    if tpu.get("first_unmapped_op"):
+        text += f" (mapping stops at {tpu['first_unmapped_op']})"
+    if tpu.get("on_chip_bytes") is not None:
+        text += f", {tpu['on_chip_bytes'] / 2**20:.2f} MiB of parameters on chip"
+    return text
 
 
 def cmd_bundle_verify(args: argparse.Namespace) -> int:
@@ -210,51 +234,154 @@ def _names(text: str | None) -> tuple[str, ...] | None:
     return tuple(n.strip() for n in text.split(",") if n.strip())
 
 
+EventFn = Callable[[str, str, "float | None"], None]
+_END = ("done", "failed", "gate failed")
+
+
+class _Lines:
+    """Progress as plain lines on stderr (--json, or stderr is not a terminal); a tool's own progress is
+    printed when its message changes or it passes another tenth."""
+
+    def __init__(self) -> None:
+        self.last: dict[str, tuple[str, int]] = {}
+
+    def __call__(self, who: str, message: str, fraction: float | None) -> None:
+        tag = f"[convert {who}]" if who else "[convert]"
+        if fraction is None:
+            print(f"{tag} {message}", file=sys.stderr)
+            return
+        state = (message.split(":")[0], int(fraction * 10))
+        if self.last.get(who) == state:
+            return
+        self.last[who] = state
+        print(f"{tag} {message} ({fraction:.0%})", file=sys.stderr)
+
+
+@contextmanager
+def _progress_view(rows: list[str], *, plain: bool, transient: bool) -> Iterator[EventFn]:
+    """event(row, message, fraction): one progress row per name in ``rows`` (rich), or plain lines."""
+    if plain:
+        yield _Lines()
+        return
+    from rich.progress import BarColumn, Progress, SpinnerColumn, TaskProgressColumn, TextColumn, TimeElapsedColumn
+
+    with Progress(SpinnerColumn(), TextColumn("{task.description}", style="bold"), BarColumn(),
+                  TaskProgressColumn(), TimeElapsedColumn(), transient=transient) as progress:
+        tasks = {name: progress.add_task(f"{name}: waiting", total=None) for name in rows}
+
+        def event(who: str, message: str, fraction: float | None) -> None:
+            task = tasks[who or rows[0]]
+            text = f"{who or rows[0]}: {message}"
+            text = text if len(text) <= 72 else text[:71] + "…"
+            if fraction is None:
+                progress.update(task, description=text, total=None)
+            else:
+                progress.update(task, description=text, total=1.0, completed=min(1.0, max(0.0, fraction)))
+
+        yield event
+
+
+def _convert_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """convert()'s keyword arguments from the command line (picklable: they go to worker processes too)."""
+    from converters.convert import Overrides
+
+    overrides = Overrides(calib_method=args.calib_method, per_channel=args.per_channel,
+                          exclude_nodes=_names(args.exclude_nodes), exclude_op_types=_names(args.exclude_op_types),
+                          gate_accuracy=args.gate_accuracy, gate_agreement=args.gate_agreement,
+                          gate_snr_db=args.gate_snr, ladder=False if args.no_ladder else None)
+    return {"name": args.name, "version": args.version, "preprocessing": _preprocessing_from_args(args),
+            "labels": Path(args.labels) if args.labels else None, "seed": args.seed, "threads": args.threads,
+            "mode": args.mode, "allow_float_ops": args.allow_float_ops,
+            "label_column": _label_column(args.label_column), "val": args.val, "overrides": overrides,
+            "require_edgetpu": args.require_edgetpu, "edgetpu_compiler": args.edgetpu_compiler,
+            "onnx2tf_env": Path(args.onnx2tf_env) if args.onnx2tf_env else None, "offline": args.offline,
+            "plot": not args.no_plot}
+
+
 def cmd_convert(args: argparse.Namespace) -> int:
-    from converters.convert import Overrides, convert
+    from converters.convert import convert
 
     model = Path(args.model)
     key = Path(args.key) if args.key else _default_key()
     if not key.is_file():
         raise InputError(f"no signing key at {key}",
                          hint="create one with `edgekit keys init` (or pass --key PATH)")
-    profiles = [load_profile(name.strip(), args.profiles_dir) for name in args.profile.split(",")]
-    if len(profiles) != 1:
-        raise InputError("convert takes one profile in this version", hint="run convert once per profile")
-    profile = profiles[0]
-    pre = _preprocessing_from_args(args)
+    names = [n.strip() for n in args.profile.split(",")]
+    if not all(names):
+        raise InputError(f"--profile {args.profile!r} has an empty name", hint="e.g. --profile rpi5,x86-64")
+    profiles = [load_profile(name, args.profiles_dir) for name in names]
+    kwargs = _convert_kwargs(args)
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-
-    overrides = Overrides(calib_method=args.calib_method, per_channel=args.per_channel,
-                          exclude_nodes=_names(args.exclude_nodes), exclude_op_types=_names(args.exclude_op_types),
-                          gate_accuracy=args.gate_accuracy, gate_agreement=args.gate_agreement,
-                          gate_snr_db=args.gate_snr, ladder=False if args.no_ladder else None)
-
-    def run(progress_cb: Any) -> Any:
-        return convert(model, profile, args.calib, out_dir, key, name=args.name, version=args.version,
-                       preprocessing=pre, labels=Path(args.labels) if args.labels else None,
-                       seed=args.seed, threads=args.threads, progress=progress_cb, mode=args.mode,
-                       allow_float_ops=args.allow_float_ops, label_column=_label_column(args.label_column),
-                       val=args.val, overrides=overrides)
-
-    if args.json or not sys.stderr.isatty():
-        result = run(lambda step: print(f"[convert] {step}", file=sys.stderr))
-    else:
-        from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
-
-        with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
-                      transient=True) as progress:
-            task = progress.add_task(f"converting {model.name} for {profile.name}", total=None)
-            result = run(lambda step: progress.update(task, description=f"{profile.name}: {step}"))
+    plain = bool(args.json) or not sys.stderr.isatty()
+    if len(profiles) > 1:
+        return _convert_many(args, model, profiles, key, out_dir, kwargs, plain)
+    if args.jobs is not None and args.jobs < 1:
+        raise InputError(f"--jobs must be at least 1, not {args.jobs}")
+    profile = profiles[0]
+    with _progress_view([profile.name], plain=plain, transient=True) as event:
+        result = convert(model, profile, args.calib, out_dir, key,
+                         progress=lambda message, fraction=None: event("", message, fraction), **kwargs)
     summary = {"bundle": str(result.bundle), "name": result.manifest.name, "version": result.manifest.version,
                "profile": profile.name, "validation": result.manifest.validation,
-               "ladder": result.report.get("ladder"), "notes": result.report.get("notes", [])}
+               "ladder": result.report.get("ladder"), "edgetpu": result.report.get("edgetpu"),
+               "plot": str(result.plot) if result.plot else None, "notes": result.report.get("notes", [])}
     if args.json:
         _print_json(summary)
         return 0
     _print_convert_table(summary)
     return 0
+
+
+def _convert_many(args: argparse.Namespace, model: Path, profiles: list[Profile], key: Path, out_dir: Path,
+                  kwargs: dict[str, Any], plain: bool) -> int:
+    from converters.multi import convert_many, exit_code, workers_for
+
+    names = [p.name for p in profiles]
+    workers = workers_for(len(profiles), args.jobs)
+    if plain:
+        print(f"[convert] {len(profiles)} profiles ({', '.join(names)}), {workers} at a time", file=sys.stderr)
+    with _progress_view(names, plain=plain, transient=False) as event:
+        results = convert_many(model, profiles, args.calib, out_dir, key, jobs=args.jobs, on_event=event, **kwargs)
+    code = exit_code(results)
+    if args.json:
+        _print_json([r.to_dict() for r in results])
+        return code
+    _print_many_table(results)
+    return code
+
+
+def _quality(v: dict[str, Any]) -> str:
+    if v.get("accuracy_quant") is not None:
+        return f"accuracy {_fmt(v['accuracy_quant'])} (fp32 {_fmt(v.get('accuracy_fp32'))})"
+    if v.get("top1_agreement") is not None:
+        return f"agreement {_fmt(v['top1_agreement'])}"
+    return f"SNR {_fmt(v.get('snr_db'))} dB" if v.get("snr_db") is not None else "-"
+
+
+def _print_many_table(results: Sequence[Any]) -> None:
+    from rich.table import Table
+
+    table = Table(title="convert: one bundle per profile")
+    numbers = ("quant p50 ms", "speed-up", "notes", "seconds")
+    for col in ("profile", "status", "bundle", "top-1 agreement / accuracy", *numbers):
+        table.add_column(col, justify="right" if col in numbers else "left")
+    for r in results:
+        v = r.validation
+        status = {"ok": "[green]ok[/green]", "gate failed": "[yellow]gate failed[/yellow]"}.get(r.status,
+                                                                                              "[red]failed[/red]")
+        table.add_row(r.profile, status, Path(r.bundle).name if r.bundle else "-", _quality(v) if v else "-",
+                      _fmt(v.get("quant_p50_ms")), _fmt(v.get("speedup")), str(len(r.notes)), _fmt(r.seconds))
+    console = _console()
+    console.print(table)
+    for r in results:
+        if r.error:
+            hint = f"\n    hint: {r.error['hint']}" if r.error.get("hint") else ""
+            first = str(r.error.get("message", "")).splitlines()[0] if r.error.get("message") else r.error["error"]
+            console.print(f"{r.profile}: {r.error['error']}: {first}{hint}", markup=False, highlight=False)
+        elif r.bundle:
+            plot = f", plot {r.plot}" if r.plot else ""
+            console.print(f"{r.profile}: {r.bundle}{plot}", markup=False, highlight=False)
 
 
 def _fmt(v: Any) -> str:
@@ -270,6 +397,8 @@ def _print_convert_table(summary: dict[str, Any]) -> None:
     table.add_column("figure")
     table.add_column("value", justify="right")
     for k, v in summary["validation"].items():
+        if k == "edgetpu":
+            continue  # printed in words below
         if isinstance(v, dict):  # the gate's verdict
             v = f"{'passed' if v.get('passed') else 'FAILED'}: {v.get('metric')} {_fmt(v.get('value'))} " \
                 f"(threshold {_fmt(v.get('threshold'))})"
@@ -285,9 +414,44 @@ def _print_convert_table(summary: dict[str, Any]) -> None:
             steps.add_row(a["rung"], a["describe"], a["metric"] or "-", _fmt(a["value"]),
                           "yes" if a["passed"] else "no", _fmt(a["seconds"]))
         console.print(steps)
+    tpu = summary.get("edgetpu")
+    if tpu:
+        console.print(f"edge tpu: {edgetpu_line(summary['validation'].get('edgetpu') or {})}", markup=False)
     for note in summary["notes"]:
-        console.print(f"note: {note}")
+        console.print(f"note: {note}", markup=False, highlight=False)
     console.print(f"bundle: [bold]{summary['bundle']}[/bold]")
+    if summary.get("plot"):
+        console.print(f"plot:   {summary['plot']}", markup=False, highlight=False)
+
+
+# --------------------------------------------------------------------------------------------------
+# tools
+
+
+def cmd_tools_onnx2tf(args: argparse.Namespace) -> int:
+    from converters import onnx2tf_tool as o2t
+
+    env_dir = Path(args.env_dir).expanduser().absolute() if args.env_dir else o2t.default_env_dir()
+    if args.python and not args.install:
+        raise InputError("--python chooses the Python to build the environment with: it needs --install")
+    if args.install:
+        plain = bool(args.json) or not sys.stderr.isatty()
+        with _progress_view(["onnx2tf"], plain=plain, transient=True) as event:
+            o2t.ensure_env(env_dir, python=args.python,
+                           progress=lambda message, fraction: event("onnx2tf", message, fraction))
+    info = o2t.env_info(env_dir)
+    if args.json:
+        _print_json(info)
+        return 0
+    if info["installed"]:
+        print(f"onnx2tf {o2t.ONNX2TF_VERSION}: installed in {info['env_dir']} (Python {info.get('python', '?')}, "
+              f"built {info.get('created', '?')} in {info.get('build_seconds', '?')} s, "
+              f"{len(info.get('packages', {}))} packages)")
+    else:
+        print(f"onnx2tf {o2t.ONNX2TF_VERSION}: not installed (environment folder {info['env_dir']}); "
+              f"`{o2t.INSTALL_COMMAND}` builds it (about 800 MB download, 2.6 GB on disk)")
+    print(f"requirements (hash {info['requirements_hash']}): {', '.join(info['requirements'])}")
+    return 0
 
 
 # --------------------------------------------------------------------------------------------------
@@ -334,9 +498,11 @@ def build_parser() -> argparse.ArgumentParser:
     bv.set_defaults(func=cmd_bundle_verify)
 
     cv = sub.add_parser("convert", help="quantize a model for a device profile and write a signed bundle")
-    cv.add_argument("model", help="the model: .onnx for ONNX profiles; .keras/.h5/.hdf5, a SavedModel folder or a "
-                                  "float .tflite for TFLite profiles")
-    cv.add_argument("--profile", required=True, help="device profile name or path to a .toml")
+    cv.add_argument("model", help="the model: .onnx (any profile; TFLite profiles convert it with onnx2tf); "
+                                  ".keras/.h5/.hdf5, a SavedModel folder or a float .tflite for TFLite profiles")
+    cv.add_argument("--profile", required=True,
+                    help="device profile name or path to a .toml; several, comma-separated "
+                         "(rpi5,coral-usb,x86-64), convert in parallel processes, one bundle each")
     profiles_dir_opt(cv)
     cv.add_argument("--calib", required=True,
                     help="calibration data: folder of .npy files, one .npy/.npz, a folder of images, or a .csv")
@@ -385,8 +551,38 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--mean", help="per-channel mean after scaling, e.g. 0.485,0.456,0.406")
     g.add_argument("--std", help="per-channel std, e.g. 0.229,0.224,0.225")
     g.add_argument("--scale", type=float, help="pixel multiplier before mean/std (default 1/255)")
-    cv.add_argument("--json", action="store_true", help="print JSON")
+    t = cv.add_argument_group("Edge TPU (profiles with the edgetpu delegate: coral-usb, coral-devboard)")
+    t.add_argument("--require-edgetpu", action="store_true",
+                   help="fail (exit 2, before any work) when edgetpu_compiler is missing, instead of writing a "
+                        "CPU-only bundle")
+    t.add_argument("--edgetpu-compiler", metavar="PATH",
+                   help="the edgetpu_compiler to run (default: edgetpu_compiler on PATH)")
+    o = cv.add_argument_group("ONNX to TFLite (a .onnx model for a TFLite profile: onnx2tf in its own "
+                              "environment)")
+    o.add_argument("--offline", action="store_true",
+                   help="never build the onnx2tf environment (an error when it is missing); conversion itself "
+                        "never uses the network")
+    o.add_argument("--onnx2tf-env", metavar="DIR", help="the onnx2tf environment's folder (default: "
+                                                        "~/.cache/edgekit/onnx2tf-<hash>)")
+    cv.add_argument("--jobs", type=int, metavar="N",
+                    help="with several profiles: conversions run at once (default: one per profile, at most the "
+                         "CPU count)")
+    cv.add_argument("--no-plot", action="store_true",
+                    help="do not write the report's PNG (<bundle stem>.png next to the bundle)")
+    cv.add_argument("--json", action="store_true", help="print JSON (several profiles: a list of results)")
     cv.set_defaults(func=cmd_convert)
+
+    tools = sub.add_parser("tools", help="isolated tools edgekit runs in their own environments")
+    tools_sub = tools.add_subparsers(dest="tools_command", required=True, metavar="TOOL")
+    to = tools_sub.add_parser("onnx2tf", help="the onnx2tf environment (ONNX to TFLite): status, or --install")
+    to.add_argument("--install", action="store_true", help="build the environment now (about 800 MB download)")
+    to.add_argument("--python", metavar="PY",
+                    help="the Python to build it with (CPython 3.10.12 to 3.12; default: this one)")
+    to.add_argument("--env-dir", metavar="DIR", help="the environment's folder (default: "
+                                                     "~/.cache/edgekit/onnx2tf-<hash>)")
+    to.add_argument("--json", action="store_true", help="print JSON")
+    to.set_defaults(func=cmd_tools_onnx2tf)
+    register_monitor(sub)  # monitor, report (converters/monitor_cli.py)
     return p
 
 
