@@ -123,6 +123,7 @@ def bench(bundle_path: str | os.PathLike, pubkey: str | os.PathLike | None, *, w
             "threads": info["threads"],
             "source": source,
             "init_ms": _r(sess.init_ms, 3),
+            "golden_check": sess.golden,
             "first_inference_ms": _r(first_ms, 4),
             "warmup": warmup,
             "stop_rule": ({"count": need_count} if exact else {"min_count": need_count, "duration_s": need_s}),

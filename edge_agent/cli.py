@@ -180,6 +180,7 @@ def _print_bench(result: dict[str, Any]) -> None:
         ("threads", str(result["threads"] or "default")),
         ("init", f"{result['init_ms']:.1f} ms"),
         ("first inference", f"{result['first_inference_ms']:.3f} ms"),
+        ("golden check", _golden_text(result.get("golden_check"))),
         ("warm-up / timed", f"{result['warmup']} / {result['count']} in {result['wall_s']:.3f} s"
          + (f" (until >= {result['stop_rule']['min_count']} and >= {result['stop_rule']['duration_s']:g} s)"
             if "min_count" in result["stop_rule"] else "")),
@@ -517,6 +518,13 @@ def _cmd_infer(args: argparse.Namespace) -> int:
         _print_infer(result, args.input)
     return 0
 
+
+
+def _golden_text(g: dict | None) -> str:
+    if g is None:
+        return "no golden data in the bundle"
+    verdict = "ok" if g["within_atol"] else "DIFFERS beyond the tolerance"
+    return f"{verdict} (max |diff| {g['max_abs_diff']:.4g}, tolerance {g['atol']})"
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _build_parser()

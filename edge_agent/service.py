@@ -113,12 +113,38 @@ class Session:
     init_ms: float
     root: Path | None = None  # the unpacked bundle (members such as labels), valid inside open_session
     device: Device | None = None  # power sampler, thermal/throttle readers (when ``hardware`` was given)
+    golden: dict[str, Any] | None = None  # the golden-input run at load (see golden_run), None without one
 
     @property
     def model_ref(self) -> dict[str, Any]:
         m = self.manifest
         return {"name": m.name, "version": m.version, "sha256": m.files[m.model].sha256}
 
+
+
+def golden_run(backend: Backend, golden: tuple[list[np.ndarray], list[np.ndarray]] | None,
+               atol: float | None) -> dict[str, Any] | None:
+    """Health check at load: run the bundle's first golden input through the real backend.
+
+    An import that works is no proof that a runtime can run the model; running the input the converter
+    recorded is. The outputs are compared with the converter's (raw, in the model's dtype: quantization
+    steps for integer outputs) and the largest difference is reported; a difference beyond ``atol`` is a
+    warning here, not an error (the activation smoke test decides; other CPU kernels may differ by a few
+    quantization steps).
+    """
+    if golden is None:
+        return None
+    inputs, outputs = golden
+    got = backend.run([np.ascontiguousarray(a[0]) for a in inputs])
+    diffs = [float(np.max(np.abs(np.asarray(g, np.float64) - np.asarray(w[0], np.float64))))
+             for g, w in zip(got, outputs, strict=True)]
+    worst = max(diffs) if diffs else 0.0
+    within = atol is None or worst <= atol
+    if not within:
+        log.warning("golden check: the model's output on its golden input differs from the converter's by "
+                    "%g (tolerance %g): this runtime computes differently; check the runtime and delegate",
+                    worst, atol)
+    return {"max_abs_diff": worst, "atol": atol, "within_atol": within}
 
 @contextlib.contextmanager
 def open_session(bundle_path: str | os.PathLike, pubkey: str | os.PathLike | None, *, source: str,
@@ -131,7 +157,7 @@ def open_session(bundle_path: str | os.PathLike, pubkey: str | os.PathLike | Non
     source fails fast): the profile (``--profile`` or the manifest's), the power source and its sampler,
     thermal/throttle readers and the idle baseline in ``state_dir``.
     """
-    from edge_agent.bundle import unpack_bundle
+    from edge_agent.bundle import load_golden, unpack_bundle
 
     key = resolve_pubkey(pubkey)
     with tempfile.TemporaryDirectory(prefix="edge-agent-") as tmp, contextlib.ExitStack() as stack:
@@ -145,10 +171,11 @@ def open_session(bundle_path: str | os.PathLike, pubkey: str | os.PathLike | Non
         backend = create_backend(manifest, unpacked.model_path, threads=threads)
         init_ms = (time.perf_counter_ns() - t0) / 1e6
         stack.callback(backend.close)
+        golden = golden_run(backend, load_golden(unpacked), (manifest.golden or {}).get("atol"))
         # ``stop`` lets SIGTERM end a live source's reconnect back-off at once
         src = open_source(source, backend.inputs, manifest.preprocessing, stop=stop)
         stack.callback(src.close)
-        yield Session(manifest, unpacked.signer, backend, src, init_ms, unpacked.root, device)
+        yield Session(manifest, unpacked.signer, backend, src, init_ms, unpacked.root, device, golden)
 
 
 # --------------------------------------------------------------------------------------------------
