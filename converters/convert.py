@@ -45,7 +45,7 @@ import re
 import tarfile
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -644,6 +644,30 @@ def _package(job: _Job, model_member: str, model_file: Path, fmt: str, engine: s
     return ConvertResult(bundle=bundle, manifest=read_bundle_manifest(bundle), report=report)
 
 
+
+def tflite_report_tail(quantization: dict[str, Any], float_ops: Sequence[Any], kept_float: Sequence[Any],
+                       cal_info: dict[str, Any], validation: dict[str, Any], ladder: Any,
+                       golden_in: dict[str, np.ndarray], golden_out: dict[str, np.ndarray], atol: float,
+                       notes: list[str], timings: dict[str, float], *, inputs_note: str = "") -> dict[str, Any]:
+    """The part of report.json that both TFLite paths (Keras/SavedModel/.tflite and onnx2tf) share."""
+    return {
+        "quantization": quantization,
+        "float_ops": [op.to_dict() for op in float_ops],
+        "kept_float_ops": [op.to_dict() for op in kept_float],
+        "calibration": cal_info,
+        "validation": validation,
+        "gate": validation["gate"],
+        "ladder": ladder,
+        "golden": {"count": len(next(iter(golden_in.values()))), "atol": atol,
+                   "dtype": {k: str(v.dtype) for k, v in golden_out.items()},
+                   "note": "raw outputs (the model's own dtype) of the quantized model with LiteRT on this "
+                           f"host{inputs_note}; the device smoke test must match them within atol = 2% of "
+                           "the largest golden output, at least 1 quantized step for integer outputs "
+                           "(1e-4 for float)"},
+        "notes": notes,
+        "timings_s": dict(timings),
+    }
+
 def convert(model: Path, profile: Profile, calib: str, out_dir: Path, key: Path, *, name: str | None = None,
             version: str = "1.0.0", preprocessing: Preprocessing | None = None, labels: Path | None = None,
             seed: int = 0, threads: int | None = None, progress: Progress | None = None,
@@ -1091,20 +1115,8 @@ def _convert_tflite(job: _Job, allow_float_ops: bool) -> ConvertResult:
             "source_model": {"file": model.name, "kind": source.kind, "sha256": _tree_sha256(model),
                              "inputs": [t.to_dict() for t in source.inputs],
                              "outputs": [t.to_dict() for t in source.outputs]},
-            "quantization": quantization,
-            "float_ops": [op.to_dict() for op in conversion.float_ops],
-            "kept_float_ops": [op.to_dict() for op in conversion.kept_float],
-            "calibration": cal_info,
-            "validation": validation,
-            "gate": validation["gate"],
-            "ladder": ladder,
-            "golden": {"count": len(next(iter(golden_in.values()))), "atol": atol,
-                       "dtype": {k: str(v.dtype) for k, v in golden_out.items()},
-                       "note": "raw outputs (the model's own dtype) of the quantized model with LiteRT on this "
-                               "host; the device smoke test must match them within atol = 2% of the largest "
-                               "golden output, at least 1 quantized step for integer outputs (1e-4 for float)"},
-            "notes": notes,
-            "timings_s": dict(steps.timings),
+            **tflite_report_tail(quantization, conversion.float_ops, conversion.kept_float, cal_info, validation,
+                                 ladder, golden_in, golden_out, atol, notes, steps.timings),
         })
         return _package(job, CPU_MODEL, quant, "tflite", "litert", _tflite_tools(conversion.tools), report,
                         q_inputs, q_outputs, (golden_in, golden_out, atol), pre, quantization, validation, tpu)

@@ -62,6 +62,7 @@ from converters.convert import (
     _sha256,
     _single_float_input,
     _speed_note,
+    tflite_report_tail,
 )
 from converters.ladder import INITIAL, Attempt, LayerError, QuantSettings
 from converters.onnx_int8 import inspect_onnx
@@ -277,21 +278,9 @@ def convert_onnx2tf(job: _Job) -> ConvertResult:
                         "runs": backend.runs, "seconds": result.seconds, "input_layout": result.input_layout,
                         "onnx_input_shape": list(result.onnx_input_shape), "inputs": result.inputs,
                         "outputs": result.outputs, "ops": result.ops, "notes": result.notes},
-            "quantization": quantization,
-            "float_ops": [op.to_dict() for op in float_ops],
-            "kept_float_ops": [],
-            "calibration": cal_info,
-            "validation": validation,
-            "gate": validation["gate"],
-            "ladder": ladder,
-            "golden": {"count": len(next(iter(golden_in.values()))), "atol": atol,
-                       "dtype": {k: str(v.dtype) for k, v in golden_out.items()},
-                       "note": "raw outputs (the model's own dtype) of the quantized model with LiteRT on this "
-                               "host, inputs channel-last as the model takes them; the device smoke test must "
-                               "match them within atol = 2% of the largest golden output, at least 1 quantized "
-                               "step for integer outputs (1e-4 for float)"},
-            "notes": notes,
-            "timings_s": dict(steps.timings),
+            **tflite_report_tail(quantization, float_ops, [], cal_info, validation, ladder, golden_in, golden_out,
+                                 atol, notes, steps.timings,
+                                 inputs_note=", inputs channel-last as the model takes them"),
         })
         return _package(job, CPU_MODEL, quant, "tflite", "litert", _tools(result), report, q_inputs, q_outputs,
                         (golden_in, golden_out, atol), pre, quantization, validation, tpu)
