@@ -134,6 +134,22 @@ class Store(Protocol):
 # SQLite
 
 
+
+def query_sql(device: str | None, since: float | None, placeholder: str) -> tuple[str, list[Any]]:
+    """The windows query for either store (pure): SQLite uses ``?`` placeholders, psycopg ``%s``."""
+    sql = "SELECT device, seq, ts_start, ts_end, historical, received_at, payload FROM windows"
+    where: list[str] = []
+    params: list[Any] = []
+    if device is not None:
+        where.append(f"device = {placeholder}")
+        params.append(device)
+    if since is not None:
+        where.append(f"ts_end >= {placeholder}")
+        params.append(since)
+    if where:
+        sql += " WHERE " + " AND ".join(where)
+    return sql + " ORDER BY device, ts_start, seq", params
+
 class SqliteStore:
     """The default store: one SQLite file in WAL mode. Safe to share between threads (one lock)."""
 
@@ -201,17 +217,7 @@ class SqliteStore:
                 raise StoreError(f"cannot record the status of {device!r} in {self.path}: {e}") from e
 
     def query(self, device: str | None = None, since: float | None = None) -> Iterator[dict[str, Any]]:
-        sql = "SELECT device, seq, ts_start, ts_end, historical, received_at, payload FROM windows"
-        where, params = [], []
-        if device is not None:
-            where.append("device = ?")
-            params.append(device)
-        if since is not None:
-            where.append("ts_end >= ?")
-            params.append(since)
-        if where:
-            sql += " WHERE " + " AND ".join(where)
-        sql += " ORDER BY device, ts_start, seq"
+        sql, params = query_sql(device, since, "?")
         # a separate read connection: a long report does not hold the writer's lock
         try:
             db = sqlite3.connect(self.path)
@@ -323,17 +329,7 @@ class PostgresStore:
                 raise StoreError(f"cannot record the status of {device!r} in {_redact(self.url)}: {e}") from e
 
     def query(self, device: str | None = None, since: float | None = None) -> Iterator[dict[str, Any]]:
-        sql = "SELECT device, seq, ts_start, ts_end, historical, received_at, payload FROM windows"
-        where, params = [], []
-        if device is not None:
-            where.append("device = %s")
-            params.append(device)
-        if since is not None:
-            where.append("ts_end >= %s")
-            params.append(since)
-        if where:
-            sql += " WHERE " + " AND ".join(where)
-        sql += " ORDER BY device, ts_start, seq"
+        sql, params = query_sql(device, since, "%s")
         with self._lock:  # fetched in one go: psycopg connections are not shared across threads mid-query
             try:
                 rows = self._db.execute(sql, params).fetchall()
