@@ -128,3 +128,15 @@ def test_built_windows_always_validate(ns: list[int], span: float) -> None:
     w = window(latencies_ns=np.array(ns, dtype=np.int64), ts_end=1_700_000_000.0 + span)
     assert validate_window(w) == []
     assert set(w["latency_ms"]) == set(LATENCY_KEYS)
+
+
+def test_validate_never_raises_on_huge_json_integers() -> None:
+    # JSON allows integers of any size; math.isfinite(10**400) would raise OverflowError
+    w = json.loads(json.dumps(window()))
+    w["fps"] = 10**400
+    w["temp_c"] = 10**400
+    assert validate_window(w) == []  # an int is a finite number, however large
+    w["seq"] = True
+    w["cpu_pct"] = float("inf")
+    problems = validate_window(w)
+    assert any(p.startswith("seq:") for p in problems) and any(p.startswith("cpu_pct:") for p in problems)

@@ -118,8 +118,14 @@ def build_window(*, device: str, seq: int, ts_start: float, ts_end: float, model
 # validation
 
 
+_ALLOWED = frozenset(FIELDS) | frozenset(OPTIONAL_FIELDS)
+_LATENCY_SET = frozenset(LATENCY_KEYS)
+
+
 def _is_num(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+    # Exact types: a bool is not a number here; an int (any size, JSON allows 10**400) is always finite.
+    t = type(x)
+    return t is int or (t is float and math.isfinite(x))
 
 
 def _opt_num(d: dict, key: str, problems: list[str], where: str = "") -> None:
@@ -137,7 +143,7 @@ def validate_window(d: Any) -> list[str]:
     missing = [k for k in FIELDS if k not in d]
     if missing:
         problems.append(f"missing fields: {', '.join(missing)}")
-    unknown = sorted(set(d) - set(FIELDS) - set(OPTIONAL_FIELDS))
+    unknown = sorted(k for k in d if k not in _ALLOWED)
     if unknown:
         problems.append(f"unknown fields: {', '.join(unknown)}")
     if "device" in d and (not isinstance(d["device"], str) or not d["device"]):
@@ -176,7 +182,7 @@ def validate_window(d: Any) -> list[str]:
         problems.append("degraded_reason: a degraded window must say why")
     lat = d.get("latency_ms")
     if "latency_ms" in d:
-        if not isinstance(lat, dict) or set(lat) != set(LATENCY_KEYS):
+        if not isinstance(lat, dict) or lat.keys() != _LATENCY_SET:
             problems.append(f"latency_ms: expected an object with {', '.join(LATENCY_KEYS)}")
         else:
             count = d.get("count")
