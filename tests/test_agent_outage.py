@@ -203,3 +203,22 @@ def test_seq_file_from_an_older_agent_is_migrated(bundle: tuple[Path, Path], tmp
                        capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert json_lines(r.stdout)[0]["seq"] == json_lines(out)[-1]["seq"] + 1
     json.loads(out.splitlines()[0])
+
+
+def test_birth_reports_the_spool(bundle: tuple[Path, Path], tmp_path: Path) -> None:
+    from tests.mosquitto import retained
+
+    b = Mosquitto(tmp_path / "broker").start()
+    sub = Collector(b.host, b.port, "edgekit/out-5/status", client_id="monitor-5")
+    p = start_agent(bundle, b.address, "out-5", tmp_path / "state")
+    try:
+        birth = sub.wait_for(lambda t, m: m.get("state") == "online", timeout=30)[1]
+        assert isinstance(birth["spool_depth"], int) and birth["spool_depth"] >= 0
+        assert "spool_oldest_age_s" in birth
+        assert retained(b.host, b.port, "edgekit/out-5/status")["state"] == "online"
+        stop_agent(p)
+    finally:
+        if p.poll() is None:
+            p.kill()
+        sub.close()
+        b.stop()
