@@ -145,6 +145,11 @@ class Collector:
                                   protocol=mqtt.MQTTv5)
         self.client.on_connect = lambda c, u, f, rc, p: c.subscribe(topic, qos=1)
         self.client.on_subscribe = lambda c, u, mid, rcs, p: self._subscribed.set()
+        self.client.on_disconnect = lambda c, u, f, rc, p: self._subscribed.clear()
+        # Back on a restarted broker quickly (the agent's own back-off starts at 1 s), so the test
+        # subscriber is subscribed again before windows flow: a broker that had not yet saved this
+        # session when it was SIGKILLed would otherwise acknowledge and drop them.
+        self.client.reconnect_delay_set(min_delay=0.1, max_delay=1)
         self.qos_seen: dict[str, set[int]] = {}  # topic -> QoS levels of the deliveries
         self.client.on_message = self._on_message
         props = None
@@ -156,6 +161,10 @@ class Collector:
         if not self._subscribed.wait(10):
             self.close()
             raise RuntimeError(f"could not subscribe to {topic} on {host}:{port}")
+
+    def wait_subscribed(self, timeout: float = 30.0) -> bool:
+        """True once subscribed (again, after a broker restart) within ``timeout`` seconds."""
+        return self._subscribed.wait(timeout)
 
     def _on_message(self, client: Any, userdata: Any, m: Any) -> None:
         self.qos_seen.setdefault(m.topic, set()).add(m.qos)

@@ -130,6 +130,7 @@ def test_agent_sigkilled_during_outage_delivers_spooled_windows_after_restart(
     assert spooled[-1] - first[-1]["seq"] in (0, 1)
     last_before_kill = spooled[-1]
     b.start()
+    assert sub.wait_subscribed(30)  # the monitor is back before the agent restarts
     p = start_agent(bundle, b.address, "out-2", state)
     try:
         got = collect_until(sub, last_before_kill + 3, got)
