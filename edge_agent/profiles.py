@@ -128,6 +128,9 @@ class RuntimeSection:
     edgetpu_device: str = field(default="", metadata=_doc("Edge TPU selector: usb, usb:N, pci:N"))
     trt_cache_dir: str = field(default="", metadata=_doc("TensorRT engine cache folder"))
     trt_fp16: bool = field(default=False, metadata=_doc("let TensorRT build fp16 engines"))
+    trt_int8: bool = field(
+        default=False, metadata=_doc("let TensorRT run int8 layers (the Q/DQ scales of an int8 bundle)")
+    )
 
 
 @dataclass(frozen=True)

@@ -109,6 +109,18 @@ def test_tensorrt_options() -> None:
                        "trt_fp16_enable": True}
     assert opts[1] == {} and opts[2] == {}
     assert provider_options(["TensorrtExecutionProvider"], {"trt_cache_dir": "", "trt_fp16": False}) == [{}]
+    assert provider_options(["TensorrtExecutionProvider"], {"trt_int8": True}) == [{"trt_int8_enable": True}]
+
+
+def test_orin_profile_bundles_ask_tensorrt_for_int8_and_fp16() -> None:
+    import dataclasses
+
+    from edge_agent.profiles import load_profile
+
+    runtime = dataclasses.asdict(load_profile("jetson-orin-nano").runtime)
+    opts = provider_options(list(runtime["providers"]), runtime)[0]
+    assert opts["trt_int8_enable"] is True and opts["trt_fp16_enable"] is True
+    assert opts["trt_engine_cache_path"] == "/var/lib/edge-agent/trt-cache"
 
 
 def test_corrupt_model_is_a_model_error(tmp_path: Path) -> None:

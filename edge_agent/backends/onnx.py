@@ -72,7 +72,7 @@ def choose_providers(requested: Sequence[str], available: Sequence[str], *, cpu_
 
 
 def provider_options(providers: Sequence[str], runtime: dict[str, Any]) -> list[dict[str, Any]]:
-    """Per-provider options, in the order of ``providers`` (TensorRT: engine cache and fp16)."""
+    """Per-provider options, in the order of ``providers`` (TensorRT: engine cache, fp16, int8)."""
     out: list[dict[str, Any]] = []
     for p in providers:
         opts: dict[str, Any] = {}
@@ -83,6 +83,8 @@ def provider_options(providers: Sequence[str], runtime: dict[str, Any]) -> list[
                 opts["trt_engine_cache_path"] = str(cache)
             if runtime.get("trt_fp16"):
                 opts["trt_fp16_enable"] = True
+            if runtime.get("trt_int8"):  # QDQ models carry their own scales: no calibration table is used
+                opts["trt_int8_enable"] = True
         out.append(opts)
     return out
 
