@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
+import json
 import os
 import shutil
 import sqlite3
@@ -199,3 +200,37 @@ def test_acl_denial_is_reported_and_windows_stay_spooled(bundle: tuple[Path, Pat
     assert "refused message" in r.stderr and "Not authorized" in r.stderr and "ACL" in r.stderr
     assert "rejected=" in r.stderr
     assert spool_depth(tmp_path / "state") == len(windows)  # a refused window is never deleted
+
+
+def test_monitor_over_tls_with_client_certificate(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import paho.mqtt.client as mqtt
+
+    from converters.cli import main as edgekit
+
+    pki = make_pki(tmp_path / "pki")
+    tls_port = free_port()
+    b = Mosquitto(tmp_path / "broker", extra_config=(
+        f"listener {tls_port} 127.0.0.1\ncafile {pki['ca']}\ncertfile {pki['server_cert']}\n"
+        f"keyfile {pki['server_key']}\nrequire_certificate true\n")).start()
+    try:
+        dev = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="tls-dev", protocol=mqtt.MQTTv5)
+        dev.connect(b.host, b.port)  # the plain listener: a device that already reported
+        dev.loop_start()
+        birth = {"state": "online", "device": "tls-9", "agent_version": "0.1.0", "profile": "x86-64",
+                 "model": {"name": "mlp", "version": "1.0.0", "sha256": "0" * 64}, "ts": 1.0}
+        dev.publish("edgekit/tls-9/status", json.dumps(birth), qos=1, retain=True).wait_for_publish(10)
+        dev.loop_stop()
+        dev.disconnect()
+        common = ["monitor", "--broker", f"127.0.0.1:{tls_port}", "--once", "--json", "--wait", "1",
+                  "--no-store", "--tls-ca", str(pki["ca"])]
+        rc = edgekit([*common, "--tls-cert", str(pki["client_cert"]), "--tls-key", str(pki["client_key"])])
+        out = capsys.readouterr().out
+        assert rc == 0, out
+        rows = {r["device"]: r for r in json.loads(out)["devices"]}
+        assert rows["tls-9"]["state"] == "online"
+        rc = edgekit(common)  # no client certificate: the broker refuses the handshake
+        captured = capsys.readouterr()
+        assert rc == 1
+        assert f"127.0.0.1:{tls_port}" in captured.err
+    finally:
+        b.stop()
