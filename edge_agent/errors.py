@@ -112,3 +112,65 @@ def missing_extra(package: str, extra: str, what: str) -> MissingDependencyError
         f"{what} needs the Python package '{package}', which is not installed",
         hint=f"pip install 'edgekit[{extra}]'",
     )
+
+
+class CommandError(EdgekitError):
+    """A signed command was refused by the device (``edge_agent/commands.py``); nothing was executed.
+
+    ``reason`` is a short stable code for scripts and events: malformed, bad_signature, unsigned,
+    wrong_device, expired, not_yet_valid, lifetime, replayed, unknown_action, bad_args (docs/deploy.md).
+    ``nonce`` and ``action`` are the command's when they could be read (only to match the answer to the
+    request: for unsigned and bad_signature they come from an unverified body), else None.
+    """
+
+    def __init__(self, message: str, hint: str | None = None, reason: str = "malformed", *,
+                 nonce: str | None = None, action: str | None = None) -> None:
+        super().__init__(message, hint)
+        self.reason = reason
+        self.nonce = nonce
+        self.action = action
+
+    def to_dict(self) -> dict[str, str | None]:
+        return {**super().to_dict(), "reason": self.reason, "nonce": self.nonce, "action": self.action}
+
+
+class TransferError(EdgekitError):
+    """A bundle transfer (MQTT chunks, ``edge_agent/transfer.py``) was refused or could not be stored.
+
+    ``reason`` is a short stable code for scripts and events: ``malformed`` (no JSON header line),
+    ``schema`` (unknown schema, missing/unknown keys, wrong types, bad hex, unsafe name), ``too_large``
+    (chunk over 1 MiB or bundle over the device's limit), ``bad_count``, ``bad_index``, ``bad_length``
+    (header fields that do not add up), ``bad_chunk`` (a chunk's sha256 differs), ``mismatch`` (a header
+    disagrees with the transfer's first one), ``tampered`` (the reassembled file's sha256 is not the
+    transfer id), ``changed`` (the sender's file changed while being sent), ``io_error`` (cannot write,
+    e.g. disk full).
+    """
+
+    def __init__(self, message: str, hint: str | None = None, reason: str = "malformed") -> None:
+        super().__init__(message, hint)
+        self.reason = reason
+
+    def to_dict(self) -> dict[str, str | None]:
+        return {**super().to_dict(), "reason": self.reason}
+
+
+class PushError(EdgekitError):
+    """A bundle could not be delivered to a target (ssh failed, broker unreachable or refusing, disk full)."""
+
+
+class ModelStoreError(EdgekitError):
+    """The device's model store (``<state>/models``) is unreadable, corrupt, or busy with an activation."""
+
+
+class ActivationError(EdgekitError):
+    """A bundle failed its on-device smoke test; the old model goes on serving.
+
+    ``reason`` is the ``rolled_back`` event's code: load_failed, golden_mismatch or latency_budget.
+    """
+
+    def __init__(self, message: str, hint: str | None = None, reason: str = "load_failed") -> None:
+        super().__init__(message, hint)
+        self.reason = reason
+
+    def to_dict(self) -> dict[str, str | None]:
+        return {**super().to_dict(), "reason": self.reason}

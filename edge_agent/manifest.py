@@ -167,6 +167,17 @@ def parse_manifest(data: Any) -> Manifest:
         for key in ("inputs", "outputs"):
             if check_member_name(_need(golden, key, str, "manifest.golden")) not in files:
                 raise BundleError(f"manifest.golden.{key} is not listed in manifest.files", reason="malformed")
+        budget = golden.get("latency_budget_ms")
+        if budget is not None:
+            try:
+                ok = (not isinstance(budget, bool) and isinstance(budget, (int, float))
+                      and math.isfinite(budget) and budget > 0)
+            except OverflowError:  # a JSON integer beyond the float range
+                ok = False
+            if not ok:
+                raise BundleError(f"manifest.golden.latency_budget_ms: expected a positive number of "
+                                  f"milliseconds, got {budget!r}", hint="rebuild the bundle with edgekit",
+                                  reason="malformed")
     fmt = _need(data, "format", str)
     engine = _need(data, "engine", str)
     if (fmt, engine) not in (("onnx", "onnxruntime"), ("tflite", "litert")):
