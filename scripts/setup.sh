@@ -8,6 +8,9 @@ PY=${PYTHON:-python3}
 
 apt_pkgs=()
 command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || apt_pkgs+=(mosquitto)
+# a real OpenSSH server and client for the ssh push tests (tests/sshd.py runs its own sshd on a free port)
+[ -x /usr/sbin/sshd ] || apt_pkgs+=(openssh-server)
+command -v ssh >/dev/null 2>&1 && command -v ssh-keygen >/dev/null 2>&1 || apt_pkgs+=(openssh-client)
 "$PY" -c "import ensurepip, venv" >/dev/null 2>&1 || apt_pkgs+=(python3-venv)
 if [ ${#apt_pkgs[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then sudo=""; elif command -v sudo >/dev/null 2>&1; then sudo="sudo"; else
@@ -16,7 +19,8 @@ if [ ${#apt_pkgs[@]} -gt 0 ]; then
   echo "setup: installing Debian packages: ${apt_pkgs[*]}"
   $sudo apt-get update -q
   $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${apt_pkgs[@]}"
-  # Debian enables and starts the packaged broker; edgekit's tests start their own on a free port.
+  # Where systemd runs, Debian enables and starts the packaged mosquitto and ssh services (containers
+  # without systemd do not); edgekit's tests start their own broker and sshd on free loopback ports.
 fi
 
 if [ ! -x .venv/bin/python ]; then
