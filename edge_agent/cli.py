@@ -102,8 +102,12 @@ def _build_parser() -> argparse.ArgumentParser:
         g.add_argument("--nvpmodel", metavar="PATH", default="nvpmodel",
                        help="Jetson nvpmodel (power mode); default: on PATH")
 
-    def common(sp: argparse.ArgumentParser) -> None:
-        sp.add_argument("--bundle", required=True, help="the signed .edgebundle to run")
+    def common(sp: argparse.ArgumentParser, bundle_required: bool = True) -> None:
+        if bundle_required:
+            sp.add_argument("--bundle", required=True, help="the signed .edgebundle to run")
+        else:
+            sp.add_argument("--bundle", help="run this signed .edgebundle as it is, bypassing the model store "
+                            "(default: serve the store's active version in --state-dir and take new ones)")
         sp.add_argument("--pubkey", help="public key to verify the bundle with (default: "
                         "/etc/edge-agent/trusted.pub, then ~/.config/edgekit/keys/edgekit-signing.pub)")
         sp.add_argument("--threads", type=int, help="intra-op threads (default: the profile's)")
@@ -123,14 +127,25 @@ def _build_parser() -> argparse.ArgumentParser:
                    help="time at least N inferences (with --duration: until both are met)")
     b.add_argument("--state-dir", help="folder holding the idle baseline (idle_power.json) to subtract")
 
-    r = sub.add_parser("run", help="run a bundle and report telemetry windows")
-    common(r)
+    r = sub.add_parser("run", help="serve the model store (or one --bundle) and report telemetry windows")
+    common(r, bundle_required=False)
     r.add_argument("--duration", type=float, help="seconds to run (default: until SIGTERM/SIGINT)")
     r.add_argument("--window", type=float, default=10.0, help="seconds per telemetry window (default 10)")
     r.add_argument("--mqtt", metavar="HOST:PORT", help="MQTT broker for telemetry (default: offline)")
     r.add_argument("--device-id", help="device id in topics and windows (default: the host name)")
-    r.add_argument("--state-dir", help="folder that keeps the window sequence number across restarts, the "
-                   "idle baseline (idle_power.json) and, with --mqtt, the durable telemetry spool (spool.db)")
+    r.add_argument("--state-dir", help="folder that keeps the model store (models/), the window sequence number "
+                   "across restarts, the idle baseline (idle_power.json) and, with --mqtt, the durable telemetry "
+                   "spool (spool.db); required without --bundle")
+    d = r.add_argument_group("deployment (model store mode: no --bundle)")
+    d.add_argument("--inbox", action="append", default=[], metavar="DIR",
+                   help="folder watched for new *.edgebundle files; repeatable. The first is where `edgekit push "
+                   "ssh://…` lands (files there are removed after activation, with a <file>.result.json left "
+                   "beside); others, e.g. a USB stick's mount point, are only read")
+    d.add_argument("--group", action="append", default=[], metavar="NAME",
+                   help="also take bundles pushed to the MQTT group NAME (edgekit/group/NAME/deploy); repeatable")
+    d.add_argument("--keep", type=int, default=3, help="model versions kept in the store (default 3)")
+    d.add_argument("--health-inferences", type=int, default=50, metavar="N",
+                   help="inferences a new model must run without error after the switch (default 50)")
     m = r.add_argument_group("MQTT telemetry (with --mqtt)")
     m.add_argument("--mqtt-protocol", choices=("5", "3.1.1"), default="5",
                    help="MQTT version (default 5; with 3.1.1 a broker that denies a publish by ACL drops it "
@@ -162,6 +177,10 @@ def _build_parser() -> argparse.ArgumentParser:
                    "or .npz with one array per input name")
     i.add_argument("--threads", type=int, help="intra-op threads (default: the profile's)")
     i.add_argument("--json", action="store_true", help="machine-readable output on stdout")
+
+    from edge_agent.models_cli import add_models_parser
+
+    add_models_parser(sub)  # models list | activate VERSION | rollback (edge_agent/models_cli.py)
     return p
 
 
@@ -317,7 +336,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
                   mqtt=mqtt, device_id=args.device_id or socket.gethostname(), state_dir=args.state_dir,
                   threads=args.threads, on_window=on_window, stop=stop, hardware=device_options(args),
                   mqtt_settings=settings, spool_max_bytes=int(args.spool_max_mb * 2**20),
-                  spool_max_age_s=args.spool_max_age_h * 3600.0)
+                  spool_max_age_s=args.spool_max_age_h * 3600.0, inboxes=args.inbox, groups=args.group,
+                  keep=args.keep, health_n=args.health_inferences)
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
@@ -531,6 +551,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     level = logging.WARNING if args.verbose == 0 else logging.INFO if args.verbose == 1 else logging.DEBUG
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    if args.command == "models":
+        from edge_agent.models_cli import run_models
+
+        return run_models(args)  # prints its own errors
     handler = {"bench": _cmd_bench, "run": _cmd_run, "infer": _cmd_infer,
                "calibrate-idle": _cmd_calibrate_idle}[args.command]
     try:

@@ -12,16 +12,19 @@ inference, emits the last partial window, publishes the retained ``offline`` sta
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
+import queue
 import resource
+import signal
 import socket
 import tempfile
 import threading
 import time
 from array import array
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,12 +32,13 @@ import numpy as np
 
 from edge_agent import __version__
 from edge_agent.backends import Backend, create_backend
-from edge_agent.errors import InputError, KeyFileError
+from edge_agent.errors import CommandError, EdgekitError, InputError, KeyFileError, TransferError
 from edge_agent.hardware import Device, DeviceOptions, open_device, resolve_device
 from edge_agent.manifest import Manifest
 from edge_agent.sources import Source, SourceEnded, open_source
+from edge_agent.stats import latency_summary_ms
 from edge_agent.telemetry import TelemetrySink
-from edge_agent.telemetry.mqtt import MqttPublisher, MqttSettings, check_topic_part
+from edge_agent.telemetry.mqtt import MqttPublisher, MqttSettings, check_topic_part, group_deploy_topic, topics
 from edge_agent.telemetry.schema import build_window
 from edge_agent.telemetry.spool import SPOOL_FILE, Spool, SpoolingSink, peek_next_seq
 
@@ -46,6 +50,7 @@ DEFAULT_KEY_PATHS: tuple[Path, ...] = (
 )
 SLICE_S = 0.1  # longest stretch of inferences between two looks at the stop flag
 RUN_WARMUP = 10  # inferences run (and not counted) before the first window
+HEALTH_N = 50  # inferences a new model must run without error after the switch before it is committed
 SEQ_FILE = "seq"
 SPOOL_MAX_BYTES = 64 * 2**20  # default bound of the telemetry spool (about 100,000 windows)
 SPOOL_MAX_AGE_S = 7 * 24 * 3600.0
@@ -119,6 +124,8 @@ class Session:
     def model_ref(self) -> dict[str, Any]:
         m = self.manifest
         return {"name": m.name, "version": m.version, "sha256": m.files[m.model].sha256}
+
+    ref = model_ref
 
 
 
@@ -277,15 +284,23 @@ def _telemetry_note(sink: SpoolingSink) -> str:
     return note
 
 
-def run_agent(bundle_path: str | os.PathLike, pubkey: str | os.PathLike | None, *, source: str = "synthetic",
-              duration: float | None = None, window_s: float = 10.0, mqtt: tuple[str, int] | None = None,
-              device_id: str | None = None, state_dir: str | os.PathLike | None = None,
-              threads: int | None = None, on_window: Callable[[dict[str, Any]], None] | None = None,
-              stop: threading.Event | None = None, sink: TelemetrySink | None = None,
-              hardware: DeviceOptions | None = None, topic_prefix: str = "edgekit",
-              mqtt_settings: MqttSettings | None = None, spool_max_bytes: int = SPOOL_MAX_BYTES,
-              spool_max_age_s: float = SPOOL_MAX_AGE_S, max_inflight: int = 100) -> int:
-    """Run the bundle until ``duration`` seconds pass or ``stop`` is set; return the windows emitted.
+def run_agent(bundle_path: str | os.PathLike | None, pubkey: str | os.PathLike | None, *,
+              source: str = "synthetic", duration: float | None = None, window_s: float = 10.0,
+              mqtt: tuple[str, int] | None = None, device_id: str | None = None,
+              state_dir: str | os.PathLike | None = None, threads: int | None = None,
+              on_window: Callable[[dict[str, Any]], None] | None = None, stop: threading.Event | None = None,
+              sink: TelemetrySink | None = None, hardware: DeviceOptions | None = None,
+              topic_prefix: str = "edgekit", mqtt_settings: MqttSettings | None = None,
+              spool_max_bytes: int = SPOOL_MAX_BYTES, spool_max_age_s: float = SPOOL_MAX_AGE_S,
+              max_inflight: int = 100, inboxes: Sequence[str | os.PathLike] = (), groups: Sequence[str] = (),
+              keep: int = 3, health_n: int = HEALTH_N) -> int:
+    """Run until ``duration`` seconds pass or ``stop`` is set; return the windows emitted.
+
+    With ``bundle_path`` the agent runs that bundle (verified, unpacked to a temporary folder). Without it
+    it serves the model store in ``state_dir`` (docs/deploy.md): the active version, and new bundles that
+    arrive in ``inboxes`` (the first one is where ssh pushes land), as MQTT chunks on its deploy topic or a
+    ``groups`` topic, each smoke-tested before the switch and watched for ``health_n`` inferences after it;
+    signed commands on its ``cmd`` topic are obeyed. With an empty store it waits for a first bundle.
 
     Windows go to ``on_window`` (the CLI prints them), to the log, and to MQTT when ``mqtt`` is
     (host, port) (or to ``sink`` when one is given; it is closed on return). Without either the agent
@@ -301,10 +316,22 @@ def run_agent(bundle_path: str | os.PathLike, pubkey: str | os.PathLike | None, 
         raise InputError(f"the window must be longer than 0 s, got {window_s}")
     if duration is not None and duration <= 0:
         raise InputError(f"the duration must be longer than 0 s, got {duration}")
+    if health_n < 1 or keep < 2:
+        raise InputError(f"the health window needs at least 1 inference and the store at least 2 versions "
+                         f"(got {health_n} and {keep})")
     device = device_id or socket.gethostname()
     if mqtt is not None:
         check_topic_part(device, "device id")
         check_topic_part(topic_prefix, "topic prefix")
+        for g in groups:
+            check_topic_part(g, "group name")
+    if bundle_path is None and state_dir is None:
+        raise InputError("without --bundle the agent serves the model store in its state folder, and none was "
+                         "given", hint="pass --state-dir DIR (the service uses /var/lib/edge-agent), or --bundle "
+                         "FILE to run one bundle without the store")
+    if bundle_path is not None and (inboxes or groups):
+        raise InputError("--inbox and --group deliver bundles to the model store, which --bundle bypasses",
+                         hint="drop --bundle: the agent then serves the store's active version and takes new ones")
     stop = stop or threading.Event()
     state = Path(state_dir) if state_dir is not None else None
     if state is not None:
@@ -323,103 +350,448 @@ def run_agent(bundle_path: str | os.PathLike, pubkey: str | os.PathLike | None, 
         if mqtt is not None and state is None and sink is None:
             log.warning("no --state-dir: telemetry windows wait for the broker in memory only and are lost "
                         "if the agent restarts (pass --state-dir for the durable spool)")
+    agent = _Agent(bundle_path=bundle_path, pubkey=pubkey, source=source, duration=duration, window_s=window_s,
+                   mqtt=mqtt, device=device, state=state, threads=threads, on_window=on_window, stop=stop,
+                   sink=sink, hardware=hardware if hardware is not None else DeviceOptions(),
+                   topic_prefix=topic_prefix, settings=mqtt_settings or MqttSettings(), spool=spool, seq=seq,
+                   max_inflight=max_inflight, inboxes=[Path(p) for p in inboxes], groups=list(groups),
+                   keep=keep, health_n=health_n)
     try:
-        return _run(bundle_path, pubkey, source=source, duration=duration, window_s=window_s, mqtt=mqtt,
-                    device=device, state=state, threads=threads, on_window=on_window, stop=stop, sink=sink,
-                    hardware=hardware, topic_prefix=topic_prefix, settings=mqtt_settings or MqttSettings(),
-                    spool=spool, seq=seq, max_inflight=max_inflight)
+        return agent.run()
     finally:
         if spool is not None and not spool.closed:  # the sink never took it over (failed before)
             spool.close()
 
 
-def _run(bundle_path: str | os.PathLike, pubkey: str | os.PathLike | None, *, source: str,
-         duration: float | None, window_s: float, mqtt: tuple[str, int] | None, device: str, state: Path | None,
-         threads: int | None, on_window: Callable[[dict[str, Any]], None] | None, stop: threading.Event,
-         sink: TelemetrySink | None, hardware: DeviceOptions | None, topic_prefix: str, settings: MqttSettings,
-         spool: Spool | None, seq: int, max_inflight: int) -> int:
-    emitted = 0
+def failpoint(step: str) -> None:
+    """Fault injection for the crash tests: ``EDGE_AGENT_FAILPOINT=<step>`` SIGKILLs the agent at that step
+    of an activation (docs/deploy.md). Unset in normal operation."""
+    if os.environ.get("EDGE_AGENT_FAILPOINT") == step:
+        log.warning("failpoint %s: killing the agent (crash test)", step)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+@dataclass
+class _Agent:
+    """One run of the agent: the serving loop and, in store mode, activation and commands."""
+
+    bundle_path: str | os.PathLike | None
+    pubkey: str | os.PathLike | None
+    source: str
+    duration: float | None
+    window_s: float
+    mqtt: tuple[str, int] | None
+    device: str
+    state: Path | None
+    threads: int | None
+    on_window: Callable[[dict[str, Any]], None] | None
+    stop: threading.Event
+    sink: TelemetrySink | None
+    hardware: DeviceOptions
+    topic_prefix: str
+    settings: MqttSettings
+    spool: Spool | None
+    seq: int
+    max_inflight: int
+    inboxes: list[Path]
+    groups: list[str]
+    keep: int
+    health_n: int
+    emitted: int = 0
     spooling: SpoolingSink | None = None
-    with open_session(bundle_path, pubkey, source=source, threads=threads,
-                      hardware=hardware if hardware is not None else DeviceOptions(), state_dir=state,
-                      stop=stop) as sess:
-        dev = sess.device
+    serving: Any = None  # Session (bundle mode) or activation.Model (store mode)
+    dev: Device | None = None
+    activator: Any = None
+    store: Any = None
+    commands: queue.Queue = field(default_factory=queue.Queue)
+    _source_seen: tuple[int, int] = (0, 0)  # (reconnect attempts, reconnects) already reported
+    _early_events: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
+
+    # ------------------------------------------------------------------------------ events and telemetry
+
+    def emit(self, kind: str, **fields: Any) -> None:
+        """Publish an event (or keep it until the MQTT sink exists); every event is logged too."""
+        log.info("event %s %s", kind, json.dumps(fields, default=str)[:400])
+        if self.sink is None:
+            if self.mqtt is not None:
+                self._early_events.append((kind, fields))
+            return
+        self.sink.publish_event(kind, **fields)
+
+    def _birth(self) -> dict[str, Any]:
+        birth: dict[str, Any] = {"agent_version": __version__, "model": None, "profile": None, "engine": None,
+                                 "providers": [], "degraded": False, "degraded_reason": None,
+                                 "device_profile": None, "power_source": None, "power_mode": None}
+        if self.serving is not None:
+            info = self.serving.backend.info()
+            birth.update({"model": self.serving.ref, "profile": self.serving.manifest.profile,
+                          "engine": info["engine"], "providers": info["providers"], "degraded": info["degraded"],
+                          "degraded_reason": info["degraded_reason"]})
+        if self.dev is not None:
+            birth.update({"device_profile": self.dev.config.profile, "power_source": self.dev.power_source,
+                          "power_mode": None if self.dev.power_mode is None else self.dev.power_mode.to_dict()})
+        if self.store is not None:
+            active = self.store.active
+            birth["store"] = {"active": None if active is None else active.id,
+                              "versions": [s.manifest.version for s in self.store.slots()]}
+        return birth
+
+    def _open_sink(self, subscriptions: dict[str, Callable[[str, bytes], None]] | None = None) -> None:
+        if self.sink is not None or self.mqtt is None:
+            return
+        args = {"host": self.mqtt[0], "port": self.mqtt[1], "device_id": self.device, "prefix": self.topic_prefix,
+                "birth": self._birth(), **self.settings.kwargs()}
+        if subscriptions:
+            args["subscriptions"] = subscriptions
+        if self.spool is not None:
+            self.sink = self.spooling = SpoolingSink(self.spool, args, max_inflight=self.max_inflight)
+        else:
+            self.sink = MqttPublisher(**args)
+        for kind, fields in self._early_events:
+            self.sink.publish_event(kind, **fields)
+        self._early_events.clear()
+
+    def _update_birth(self) -> None:
+        publisher = self.spooling.publisher if self.spooling is not None else self.sink
+        if isinstance(publisher, MqttPublisher):
+            publisher.update_birth(self._birth())
+
+    # ------------------------------------------------------------------------------ the two modes
+
+    def run(self) -> int:
+        try:
+            if self.bundle_path is not None:
+                with open_session(self.bundle_path, self.pubkey, source=self.source, threads=self.threads,
+                                  hardware=self.hardware, state_dir=self.state, stop=self.stop) as sess:
+                    self.serving, self.dev = sess, sess.device
+                    return self._serve()
+            return self._run_store()
+        finally:
+            if self.sink is not None:
+                self.sink.close(timeout=5.0)
+
+    def _run_store(self) -> int:
+        from edge_agent.activation import Activator
+        from edge_agent.commands import NonceStore
+        from edge_agent.store import ModelStore
+        from edge_agent.transfer import Receiver
+
+        assert self.state is not None
+        key = resolve_pubkey(self.pubkey)
+        self.store = ModelStore(self.state, key, keep=self.keep, hook=failpoint)
+        recovered = self.store.recover()
+        nonces = NonceStore(self.state / "nonces.json")
+        receiver = Receiver(self.state / "incoming")
+        receiver.expire()
+        with contextlib.ExitStack() as stack:
+            self.activator = Activator(self.store, emit=self.emit, inboxes=self.inboxes, threads=self.threads)
+            stack.callback(self.activator.close)
+            topic_names = topics(self.topic_prefix, self.device)
+            from edge_agent.signing import load_public_key
+
+            pinned = load_public_key(key)
+            subs = {topic_names["cmd"]: lambda t, p: self._on_command(p, pinned, nonces),
+                    topic_names["deploy"]: lambda t, p: self._on_chunk(p, receiver)}
+            for g in self.groups:
+                subs[group_deploy_topic(self.topic_prefix, g)] = lambda t, p: self._on_chunk(p, receiver)
+            for event in recovered:
+                self.emit(event.pop("kind"), **event)
+            self._open_sink(subs)
+            # transfers an earlier run completed and did not activate (killed in between)
+            for path in sorted((self.state / "incoming").glob("*.edgebundle")):
+                self.activator.submit(self._mqtt_job(path))
+            self.activator.start()
+            model = self._initial_model()
+            if model is None:
+                return 0
+            stack.callback(lambda: self.serving.close())
+            self.serving = model
+            self.dev = open_device(resolve_device(self.hardware, model.manifest.profile), self.state)
+            stack.callback(self.dev.close)
+            model.open_source(self.source, self.stop)
+            self._update_birth()
+            return self._serve()
+
+    def _mqtt_job(self, path: Path) -> Any:
+        from edge_agent.activation import Job
+
+        return Job("bundle", "mqtt", path=path, remove_after=True)
+
+    def _initial_model(self) -> Any:
+        """The store's active version, smoke-tested (a version that fails goes back to the previous one);
+        with none, wait for the first bundle to arrive."""
+        store, activator = self.store, self.activator
+        active = store.active
+        while active is not None:
+            model = activator.load(active)
+            if not isinstance(model, EdgekitError):
+                log.info("serving %s from the model store", active.id)
+                return model
+            reason = getattr(model, "reason", "load_failed")
+            back = store.rollback(reason, "start", model.message)
+            self.emit("rolled_back", bundle_sha256=active.bundle_sha256, stage="start", reason=reason,
+                      message=model.message, to=None if back is None else _slot_ref(back))
+            active = back
+        log.warning("the model store in %s holds no model that loads: waiting for a bundle (inbox %s, MQTT "
+                    "deploy topic)", self.state, ", ".join(map(str, self.inboxes)) or "none")
+        while not self.stop.is_set():
+            cand = activator.take()
+            if cand is not None:
+                model = cand.model
+                model.open_source(self.source, self.stop)
+                store.switch(model.slot)
+                failure = _health(model, self.health_n)
+                if failure is None:
+                    store.commit()
+                    activator.finish(cand.job, "activated", model=model.ref, previous=None, smoke=model.smoke)
+                    activator.done()
+                    model.source.close()
+                    model.source = None
+                    return model
+                model.close()
+                store.rollback("health_error", "health", failure)
+                activator.finish(cand.job, "rolled_back", reason="health_error", stage="health", message=failure,
+                                 to=None)
+                activator.done()
+            self._handle_commands()
+            self.stop.wait(0.05)
+        return None
+
+    # ------------------------------------------------------------------------------ MQTT handlers (paho thread)
+
+    def _on_chunk(self, payload: bytes, receiver: Any) -> None:
+        try:
+            path = receiver.add(payload)
+        except TransferError as e:
+            self.emit("deploy_rejected", bundle_sha256=getattr(e, "transfer", None), reason="transfer",
+                      message=e.message, detail=e.reason)
+            return
+        if path is not None:
+            self.activator.submit(self._mqtt_job(path))
+
+    def _on_command(self, payload: bytes, key: Any, nonces: Any) -> None:
+        from edge_agent.commands import rejection_event, verify_command
+
+        try:
+            cmd = verify_command(payload, key, self.device, nonces=nonces)
+        except CommandError as e:
+            log.error("command refused (%s): %s", e.reason, e.message)
+            self.emit("command", **rejection_event(e))
+            return
+        except EdgekitError as e:  # e.g. the nonce store cannot be written: not executed, said so
+            log.error("command not executed: %s", e)
+            self.emit("command", nonce=None, action=None, result="failed", reason="state_error", detail=e.message)
+            return
+        log.info("command %s %s (nonce %s)", cmd.action, cmd.args, cmd.nonce)
+        self.commands.put(cmd)
+
+    # ------------------------------------------------------------------------------ commands (serving loop)
+
+    def _reply(self, cmd: Any, result: str, reason: str | None = None, **detail: Any) -> None:
+        self.emit("command", nonce=cmd.nonce, action=cmd.action, result=result, reason=reason, detail=detail)
+
+    def _handle_commands(self) -> None:
+        from edge_agent.activation import Job
+
+        while True:
+            try:
+                cmd = self.commands.get_nowait()
+            except queue.Empty:
+                return
+            store, ref = self.store, {"nonce": cmd.nonce, "action": cmd.action}
+            if cmd.action == "set":
+                self.window_s = float(cmd.args["telemetry_interval"])
+                self._reply(cmd, "done", telemetry_interval=self.window_s)
+            elif cmd.action == "bench":
+                if self.serving is None or self.serving.source is None:
+                    self._reply(cmd, "failed", "no_model", message="no model is being served")
+                else:
+                    self._reply(cmd, "done", **self._bench(float(cmd.args.get("duration", 10.0))))
+            elif cmd.action == "rollback":
+                prev = store.previous
+                if prev is None:
+                    self._reply(cmd, "failed", "no_previous", message="the store holds no previous version")
+                else:
+                    self.activator.submit(Job("slot", "command", slot=prev, command=ref))
+            elif cmd.action == "activate":
+                slot = store.find(cmd.args["version"])
+                if slot is None:
+                    known = ", ".join(s.manifest.version for s in store.slots()) or "none"
+                    self._reply(cmd, "failed", "unknown_version",
+                                message=f"version {cmd.args['version']!r} is not in the store (has: {known})")
+                else:
+                    self.activator.submit(Job("slot", "command", slot=slot, command=ref))
+            elif cmd.action == "reload":
+                if store.active is None:
+                    self._reply(cmd, "failed", "no_model", message="the store holds no active version")
+                else:
+                    self.activator.submit(Job("slot", "command", slot=store.active, command=ref))
+
+    def _bench(self, duration: float) -> dict[str, Any]:
+        lat = array("q")
+        t0 = time.perf_counter_ns()
+        try:
+            n, end = timed_loop(self.serving.backend.run, self.serving.source.next, lat,
+                                t0 + int(duration * 1e9), _NEVER)
+        except SourceEnded as e:
+            return {"message": f"the source ended: {e.message}"}
+        return {"model": self.serving.ref, "count": n, "fps": round(n / max((end - t0) / 1e9, 1e-9), 2),
+                "latency_ms": latency_summary_ms(lat)}
+
+    # ------------------------------------------------------------------------------ switching models
+
+    def _switch(self, cand: Any) -> None:
+        """Switch to a smoke-tested model, run its health window, then commit or go back."""
+        store, activator, old, new = self.store, self.activator, self.serving, cand.model
+        job = cand.job
+        failpoint("smoke")
+        old.source.close()
+        old.source = None
+        store.switch(new.slot)
+        try:
+            new.open_source(self.source, self.stop)
+            failure = _health(new, self.health_n)
+        except EdgekitError as e:
+            failure = f"cannot open the input source for the new model: {e.message}"
+        failpoint("health")
+        if failure is None:
+            store.commit()
+            self.serving = new
+            old.close()
+            self._update_birth()
+            if job.command is not None and job.command["action"] == "rollback":
+                activator.finish(job, "activated", model=new.ref, previous=old.ref, smoke=new.smoke,
+                                 event="rolled_back", stage="command", reason="command")
+            else:
+                activator.finish(job, "activated", model=new.ref, previous=old.ref, smoke=new.smoke)
+        else:
+            log.error("the new model %s failed its health window: %s; going back to %s", new.slot.id, failure,
+                      old.slot.id)
+            new.close()
+            store.rollback("health_error", "health", failure)
+            old.open_source(self.source, self.stop)
+            activator.finish(job, "rolled_back", reason="health_error", stage="health", message=failure,
+                             to=old.ref)
+        activator.done()
+
+    def _source_events(self, source: Any) -> None:
+        """Events when a live source (camera, RTSP, serial) was lost or came back during the window."""
+        counts = _source_counts(source)
+        if counts is None:
+            return
+        (attempts, back), (seen_attempts, seen_back) = counts, self._source_seen
+        if attempts < seen_attempts or back < seen_back:  # a new source (a new model): counting starts over
+            seen_attempts = seen_back = 0
+        if attempts > seen_attempts:
+            self.emit("error", what="source_reconnect", message=f"the input source {self.source} was lost; "
+                      f"{attempts - seen_attempts} reconnect attempt(s) in this window", attempts=attempts,
+                      reconnects=back)
+        elif back > seen_back:
+            self.emit("source_reconnected", message=f"the input source {self.source} is back", reconnects=back)
+        self._source_seen = counts
+
+    # ------------------------------------------------------------------------------ the serving loop
+
+    def _serve(self) -> int:
+        dev = self.dev
         assert dev is not None  # opened because hardware was given
+        sess = self.serving
         info = sess.backend.info()
         if info["degraded"]:
             log.warning("running degraded: %s", info["degraded_reason"])
-        run, next_feeds = sess.backend.run, sess.source.next
+            self.emit("error", what="backend_degraded", message=info["degraded_reason"], model=sess.ref)
         try:
-            try:
-                timed_loop(run, next_feeds, array("q"), _NEVER, RUN_WARMUP)  # warm-up: never counted
-            except SourceEnded as e:  # a finite source (video:PATH?loop=0) shorter than the warm-up
-                log.info("source ended during warm-up: %s", e.message)
-                return 0
-            if sink is None and mqtt is not None:
-                birth = {"agent_version": __version__, "model": sess.model_ref,
-                         "profile": sess.manifest.profile, "engine": info["engine"],
-                         "providers": info["providers"], "degraded": info["degraded"],
-                         "degraded_reason": info["degraded_reason"], "device_profile": dev.config.profile,
-                         "power_source": dev.power_source,
-                         "power_mode": None if dev.power_mode is None else dev.power_mode.to_dict()}
-                args = {"host": mqtt[0], "port": mqtt[1], "device_id": device, "prefix": topic_prefix,
-                        "birth": birth, **settings.kwargs()}
-                if spool is not None:
-                    sink = spooling = SpoolingSink(spool, args, max_inflight=max_inflight)
-                else:
-                    sink = MqttPublisher(**args)
-            if stop.is_set():  # stopped while loading: nothing ran, no window to report
-                log.info("stopped before the first window")
-                return 0
-            # from here on at least one window (possibly partial, even empty) is emitted
-            log.info("running %s %s (profile %s) on %s with %s; source %s; windows of %g s; telemetry %s",
-                     sess.manifest.name, sess.manifest.version, sess.manifest.profile, info["engine"],
-                     ", ".join(info["providers"]), source, window_s,
-                     f"mqtt://{mqtt[0]}:{mqtt[1]}" if mqtt else ("custom sink" if sink else "offline"))
-            window_ns = int(window_s * 1e9)
-            slice_ns = int(SLICE_S * 1e9)
-            clock = time.perf_counter_ns
-            mono = time.monotonic_ns  # the power sampler's clock
-            dev.read()  # baseline for the "has occurred" throttle bits
-            run_end = clock() + int(duration * 1e9) if duration is not None else _NEVER
-            finished = ended = False
-            while not finished:
-                lat = array("q")
-                ts_start, cpu0, mono0, start = time.time(), cpu_seconds(), mono(), clock()
-                win_end = min(start + window_ns, run_end)
-                now = start
-                while now < win_end and not stop.is_set():
-                    try:
-                        _, now = timed_loop(run, next_feeds, lat, min(win_end, now + slice_ns), _NEVER)
-                    except SourceEnded as e:  # end of a finite source, or stopped while reconnecting;
-                        log.info("source ended: %s", e.message)  # latencies so far are kept in `lat`
-                        ended, now = True, clock()
-                        break
-                ts_end, cpu1, mono1 = time.time(), cpu_seconds(), mono()
-                # the last window may be partial, even empty
-                finished = ended or stop.is_set() or now >= run_end
-                reading = dev.read()
-                if spooling is not None:
-                    seq = spooling.next_seq
-                window = build_window(
-                    device=device, seq=seq, ts_start=ts_start, ts_end=ts_end, model=sess.model_ref,
-                    backend_info=info, latencies_ns=lat, power=dev.window_power(mono0, mono1),
-                    temp_c=reading.temp_c, cpu_pct=100.0 * (cpu1 - cpu0) / max(ts_end - ts_start, 1e-9),
-                    rss_mb=rss_mb(), throttled=reading.throttled, dropped=sink.dropped if sink is not None else 0,
-                    cpu_mhz=reading.cpu_mhz,
-                    spool=None if spooling is None else (spooling.spool.depth(), spooling.spool.oldest_age_s()))
-                seq += 1
-                emitted += 1
-                if state is not None and spooling is None:
-                    save_seq(state, seq)
-                if reading.throttled:
-                    log.warning("throttling in window %d: %s", window["seq"], "; ".join(reading.reasons))
-                if sink is not None:
-                    sink.publish_window(window)  # the spooling sink stores it (and gives it its seq) first
-                log.info("window %s%s", _summary(window), "" if spooling is None else _telemetry_note(spooling))
-                if on_window is not None:
-                    on_window(window)
-        finally:
-            if sink is not None:
-                sink.close(timeout=5.0)
-    return emitted
+            timed_loop(sess.backend.run, sess.source.next, array("q"), _NEVER, RUN_WARMUP)  # never counted
+        except SourceEnded as e:  # a finite source (video:PATH?loop=0) shorter than the warm-up
+            log.info("source ended during warm-up: %s", e.message)
+            return 0
+        self._open_sink()
+        if self.stop.is_set():  # stopped while loading: nothing ran, no window to report
+            log.info("stopped before the first window")
+            return 0
+        # from here on at least one window (possibly partial, even empty) is emitted
+        mqtt = self.mqtt
+        log.info("running %s %s (profile %s) on %s with %s; source %s; windows of %g s; telemetry %s",
+                 sess.manifest.name, sess.manifest.version, sess.manifest.profile, info["engine"],
+                 ", ".join(info["providers"]), self.source, self.window_s,
+                 f"mqtt://{mqtt[0]}:{mqtt[1]}" if mqtt else ("custom sink" if self.sink else "offline"))
+        slice_ns = int(SLICE_S * 1e9)
+        clock = time.perf_counter_ns
+        mono = time.monotonic_ns  # the power sampler's clock
+        dev.read()  # baseline for the "has occurred" throttle bits
+        run_end = clock() + int(self.duration * 1e9) if self.duration is not None else _NEVER
+        finished = ended = False
+        activator = self.activator
+        while not finished:
+            sess = self.serving
+            run, next_feeds = sess.backend.run, sess.source.next
+            info = sess.backend.info()
+            lat = array("q")
+            ts_start, cpu0, mono0, start = time.time(), cpu_seconds(), mono(), clock()
+            win_end = min(start + int(self.window_s * 1e9), run_end)
+            now = start
+            while now < win_end and not self.stop.is_set():
+                try:
+                    _, now = timed_loop(run, next_feeds, lat, min(win_end, now + slice_ns), _NEVER)
+                except SourceEnded as e:  # end of a finite source, or stopped while reconnecting;
+                    log.info("source ended: %s", e.message)  # latencies so far are kept in `lat`
+                    ended, now = True, clock()
+                    break
+                if activator is not None and (activator.ready or not self.commands.empty()):
+                    break  # end the window here: the next one is the new model's (or runs after the command)
+            ts_end, cpu1, mono1 = time.time(), cpu_seconds(), mono()
+            # the last window may be partial, even empty
+            finished = ended or self.stop.is_set() or now >= run_end
+            self._emit_window(sess, info, lat, ts_start, ts_end, cpu0, cpu1, mono0, mono1)
+            if activator is not None and not finished:
+                self._handle_commands()
+                cand = activator.take()
+                if cand is not None:
+                    self._switch(cand)
+        return self.emitted
+
+    def _emit_window(self, sess: Any, info: dict[str, Any], lat: array, ts_start: float, ts_end: float,
+                     cpu0: float, cpu1: float, mono0: int, mono1: int) -> None:
+        dev, sink, spooling = self.dev, self.sink, self.spooling
+        assert dev is not None
+        reading = dev.read()
+        if spooling is not None:
+            self.seq = spooling.next_seq
+        window = build_window(
+            device=self.device, seq=self.seq, ts_start=ts_start, ts_end=ts_end, model=sess.ref,
+            backend_info=info, latencies_ns=lat, power=dev.window_power(mono0, mono1),
+            temp_c=reading.temp_c, cpu_pct=100.0 * (cpu1 - cpu0) / max(ts_end - ts_start, 1e-9),
+            rss_mb=rss_mb(), throttled=reading.throttled, dropped=sink.dropped if sink is not None else 0,
+            cpu_mhz=reading.cpu_mhz,
+            spool=None if spooling is None else (spooling.spool.depth(), spooling.spool.oldest_age_s()))
+        self.seq += 1
+        self.emitted += 1
+        if self.state is not None and spooling is None:
+            save_seq(self.state, self.seq)
+        if reading.throttled:
+            log.warning("throttling in window %d: %s", window["seq"], "; ".join(reading.reasons))
+        self._source_events(sess.source)
+        if sink is not None:
+            sink.publish_window(window)  # the spooling sink stores it (and gives it its seq) first
+        log.info("window %s%s", _summary(window), "" if spooling is None else _telemetry_note(spooling))
+        if self.on_window is not None:
+            self.on_window(window)
+
+
+def _source_counts(source: Any) -> tuple[int, int] | None:
+    stats = getattr(source, "stats", None)
+    if stats is None:
+        return None
+    st = stats()
+    return int(st.get("reconnect_attempts", 0)), int(st.get("reconnects", 0))
+
+
+def _health(model: Any, n: int) -> str | None:
+    from edge_agent.activation import health_window
+
+    return health_window(model, n)
+
+
+def _slot_ref(slot: Any) -> dict[str, Any]:
+    m = slot.manifest
+    return {"name": m.name, "version": m.version, "sha256": m.files[m.model].sha256}

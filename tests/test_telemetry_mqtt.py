@@ -28,7 +28,8 @@ def _until(cond, timeout: float = 15.0) -> None:
 
 def test_topics_and_topic_parts() -> None:
     assert topics("edgekit", "pi-1") == {"status": "edgekit/pi-1/status", "telemetry": "edgekit/pi-1/telemetry",
-                                         "events": "edgekit/pi-1/events", "cmd": "edgekit/pi-1/cmd"}
+                                         "events": "edgekit/pi-1/events", "cmd": "edgekit/pi-1/cmd",
+                                             "deploy": "edgekit/pi-1/deploy"}
     for bad in ("", "a/b", "x+", "#"):
         with pytest.raises(InputError):
             check_topic_part(bad, "device id")

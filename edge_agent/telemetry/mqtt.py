@@ -31,6 +31,7 @@ from edge_agent.errors import InputError, TelemetryError, missing_extra
 log = logging.getLogger(__name__)
 
 _TOPIC_FORBIDDEN = ("/", "+", "#", "\x00")
+SESSION_EXPIRY_S = 7 * 24 * 3600  # how long the broker keeps an offline agent's session (queued commands, bundles)
 
 
 def check_topic_part(value: str, what: str) -> str:
@@ -43,7 +44,11 @@ def check_topic_part(value: str, what: str) -> str:
 
 def topics(prefix: str, device: str) -> dict[str, str]:
     base = f"{prefix}/{device}"
-    return {k: f"{base}/{k}" for k in ("status", "telemetry", "events", "cmd")}
+    return {k: f"{base}/{k}" for k in ("status", "telemetry", "events", "cmd", "deploy")}
+
+
+def group_deploy_topic(prefix: str, group: str) -> str:
+    return f"{prefix}/group/{check_topic_part(group, 'group name')}/deploy"
 
 
 @dataclass(frozen=True)
@@ -110,7 +115,9 @@ class MqttPublisher:
                  max_queued: int = 1000, tls: TlsOptions | None = None, max_inflight: int = 20,
                  birth_extra: Callable[[], dict[str, Any]] | None = None,
                  on_ack: Callable[[int, bool], None] | None = None,
-                 on_connected: Callable[[], None] | None = None) -> None:
+                 on_connected: Callable[[], None] | None = None,
+                 subscriptions: dict[str, Callable[[str, bytes], None]] | None = None,
+                 session_expiry_s: int = SESSION_EXPIRY_S) -> None:
         try:
             import paho.mqtt.client as mqtt
         except ImportError as e:
@@ -139,8 +146,18 @@ class MqttPublisher:
         self.last_error: str | None = None
         self.rejected = 0  # publishes the broker answered with a failure reason code (MQTT 5, e.g. ACL)
         self.connected_since: float | None = None  # time.time() of the current connection's CONNACK
+        # topic filter -> handler(topic, payload), called in paho's network thread; renewed on every connect
+        self._subscriptions = dict(subscriptions or {})
+        self.subscribed = threading.Event()
         proto = mqtt.MQTTv5 if protocol == 5 else mqtt.MQTTv311
-        client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=device_id, protocol=proto)
+        # With subscriptions (commands, bundle delivery) the session is persistent, so the broker keeps
+        # QoS 1 messages sent while the device is offline, also across agent restarts.
+        persistent = bool(self._subscriptions)
+        if protocol == 5:
+            client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=device_id, protocol=proto)
+        else:
+            client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=device_id, protocol=proto,
+                                 clean_session=not persistent)
         client.will_set(self.topics["status"], _dumps(self._status("offline")), qos=1, retain=True)
         client.reconnect_delay_set(1, 60)
         client.max_queued_messages_set(max_queued)
@@ -153,9 +170,19 @@ class MqttPublisher:
         client.on_disconnect = self._on_disconnect
         client.on_connect_fail = self._on_connect_fail
         client.on_publish = self._on_publish
+        client.on_message = self._on_message
+        client.on_subscribe = self._on_subscribe
         self._client = client
+        connect_kwargs: dict[str, Any] = {}
+        if protocol == 5 and persistent:
+            from paho.mqtt.packettypes import PacketTypes
+            from paho.mqtt.properties import Properties
+
+            props = Properties(PacketTypes.CONNECT)
+            props.SessionExpiryInterval = session_expiry_s
+            connect_kwargs = {"clean_start": False, "properties": props}
         try:
-            client.connect_async(host, port, keepalive)
+            client.connect_async(host, port, keepalive, **connect_kwargs)
         except ValueError as e:  # paho validates host/port/keepalive here
             raise InputError(f"bad MQTT broker address {host}:{port}: {e}") from e
         client.loop_start()
@@ -174,6 +201,12 @@ class MqttPublisher:
     def wait_connected(self, timeout: float) -> bool:
         """Block up to ``timeout`` s for a connection (for tools and tests; the agent never waits)."""
         return self._connected.wait(timeout)
+
+    def update_birth(self, birth: dict[str, Any]) -> None:
+        """New birth fields (a new model was activated); re-published at once when connected."""
+        self._birth = dict(birth)
+        if self._connected.is_set() and not self._closing:
+            self._publish(self.topics["status"], _dumps(self._status("online")), retain=True)
 
     # -------------------------------------------------------------------------------- callbacks
 
@@ -202,10 +235,32 @@ class MqttPublisher:
         self.state, self.last_error = "connected", None
         self.connected_since = time.time()
         self._connected.set()
+        if self._subscriptions:
+            self.subscribed.clear()
+            client.subscribe([(t, 1) for t in self._subscriptions])
         if not self._closing:
             self._publish(self.topics["status"], _dumps(self._status("online")), retain=True)
             if self._on_connected is not None:
                 self._on_connected()
+
+    def _on_subscribe(self, client: Any, userdata: Any, mid: int, reason_codes: Any, properties: Any) -> None:
+        refused = [(t, str(rc)) for t, rc in zip(self._subscriptions, reason_codes, strict=False)
+                   if rc.is_failure]
+        for topic, rc in refused:
+            log.error("MQTT broker %s:%s refused our subscription to %s (%s): commands or bundles sent there will "
+                      "not reach this device; check the broker's ACL (edgekit deploy docs)", self.host, self.port,
+                      topic, rc)
+        self.subscribed.set()
+
+    def _on_message(self, client: Any, userdata: Any, msg: Any) -> None:
+        for pattern, handler in self._subscriptions.items():
+            if self._mqtt.topic_matches_sub(pattern, msg.topic):
+                try:
+                    handler(msg.topic, msg.payload)
+                except Exception:  # one bad message must never stop the network thread
+                    log.exception("handling a message on %s failed (skipped)", msg.topic)
+                return
+        log.debug("message on %s matches no subscription (skipped)", msg.topic)
 
     def _on_disconnect(self, client: Any, userdata: Any, flags: Any, reason_code: Any, properties: Any) -> None:
         was = self._connected.is_set()
