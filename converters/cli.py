@@ -18,6 +18,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from converters.deploy_cli import register as register_deploy
 from converters.monitor_cli import register as register_monitor
 from edge_agent import __version__
 from edge_agent.errors import EdgekitError, InputError
@@ -295,7 +296,7 @@ def _convert_kwargs(args: argparse.Namespace) -> dict[str, Any]:
             "label_column": _label_column(args.label_column), "val": args.val, "overrides": overrides,
             "require_edgetpu": args.require_edgetpu, "edgetpu_compiler": args.edgetpu_compiler,
             "onnx2tf_env": Path(args.onnx2tf_env) if args.onnx2tf_env else None, "offline": args.offline,
-            "plot": not args.no_plot}
+            "plot": not args.no_plot, "latency_budget_ms": args.latency_budget_ms}
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
@@ -458,6 +459,72 @@ def cmd_tools_onnx2tf(args: argparse.Namespace) -> int:
 # parser
 
 
+def add_convert_options(cv: argparse.ArgumentParser) -> None:
+    """The conversion options shared by `convert` and `deploy` (all but the model, profile and output)."""
+    cv.add_argument("--calib", required=True,
+                    help="calibration data: folder of .npy files, one .npy/.npz, a folder of images, or a .csv")
+    cv.add_argument("--key", help="private signing key (default ~/.config/edgekit/keys/edgekit-signing.key)")
+    cv.add_argument("--name", help="bundle name (default: the model file's stem)")
+    cv.add_argument("--version", default="1.0.0", help="semantic version of this bundle (default 1.0.0)")
+    cv.add_argument("--labels", help="text file with one class name per line")
+    cv.add_argument("--seed", type=int, default=0, help="seed for the calibration/validation split")
+    cv.add_argument("--threads", type=int, help="threads for the host latency measurement")
+    cv.add_argument("--mode", choices=["int8", "dynamic", "fp16", "none"],
+                    help="quantization mode (default: the profile's quantization.mode)")
+    cv.add_argument("--allow-float-ops", action="store_true",
+                    help="TFLite int8: keep ops without an int8 kernel in float (listed in the report) instead "
+                         "of failing")
+    cv.add_argument("--label-column", metavar="N|NAME",
+                    help="CSV calibration/validation source: the label column, a 0-based index or a header name")
+    cv.add_argument("--val", metavar="SRC",
+                    help="validation source, separate from --calib (same kinds; labels from class subfolders, "
+                         ".npz 'y' or --label-column); default: a seeded split of --calib")
+    cv.add_argument("--latency-budget-ms", type=float, metavar="MS",
+                    help="the device's smoke test refuses the model when its median latency there is above MS "
+                         "(default: the profile's telemetry.slo_p99_ms, when set)")
+    q = cv.add_argument_group("quantization and the accuracy gate (default: the profile's quantization section)")
+    q.add_argument("--calib-method", choices=["minmax", "entropy", "percentile"],
+                   help="how activation ranges are calibrated (ONNX; TFLite has minmax only)")
+    pc = q.add_mutually_exclusive_group()
+    pc.add_argument("--per-channel", dest="per_channel", action="store_const", const=True, default=None,
+                    help="per-channel weight scales")
+    pc.add_argument("--per-tensor", dest="per_channel", action="store_const", const=False,
+                    help="one weight scale per tensor")
+    q.add_argument("--exclude-nodes", metavar="A,B",
+                   help="nodes kept in float: ONNX node names (after onnxruntime's pre-processing), TFLite tensor "
+                        "names")
+    q.add_argument("--exclude-op-types", metavar="T,U",
+                   help="op types kept in float, e.g. Softmax (ONNX) or SOFTMAX (TFLite)")
+    q.add_argument("--gate-accuracy", type=float, metavar="RATIO",
+                   help="with labels: quantized accuracy must be >= RATIO x fp32 accuracy (default 0.99)")
+    q.add_argument("--gate-agreement", type=float, metavar="A",
+                   help="without labels: top-1 agreement with fp32 must be >= A (default 0.99)")
+    q.add_argument("--gate-snr", type=float, metavar="DB",
+                   help="outputs that are not class scores: SNR against fp32 must be >= DB (default 20)")
+    q.add_argument("--no-ladder", action="store_true",
+                   help="when the gate fails, stop (exit 1) instead of trying the recovery ladder")
+    g = cv.add_argument_group("image preprocessing (recorded in the bundle, applied on the device)")
+    g.add_argument("--size", help="HEIGHTxWIDTH the model expects")
+    g.add_argument("--color", choices=["gray", "rgb", "bgr"])
+    g.add_argument("--layout", choices=["NCHW", "NHWC"])
+    g.add_argument("--mean", help="per-channel mean after scaling, e.g. 0.485,0.456,0.406")
+    g.add_argument("--std", help="per-channel std, e.g. 0.229,0.224,0.225")
+    g.add_argument("--scale", type=float, help="pixel multiplier before mean/std (default 1/255)")
+    t = cv.add_argument_group("Edge TPU (profiles with the edgetpu delegate: coral-usb, coral-devboard)")
+    t.add_argument("--require-edgetpu", action="store_true",
+                   help="fail (exit 2, before any work) when edgetpu_compiler is missing, instead of writing a "
+                        "CPU-only bundle")
+    t.add_argument("--edgetpu-compiler", metavar="PATH",
+                   help="the edgetpu_compiler to run (default: edgetpu_compiler on PATH)")
+    o = cv.add_argument_group("ONNX to TFLite (a .onnx model for a TFLite profile: onnx2tf in its own "
+                              "environment)")
+    o.add_argument("--offline", action="store_true",
+                   help="never build the onnx2tf environment (an error when it is missing); conversion itself "
+                        "never uses the network")
+    o.add_argument("--onnx2tf-env", metavar="DIR", help="the onnx2tf environment's folder (default: "
+                                                        "~/.cache/edgekit/onnx2tf-<hash>)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="edgekit", description=__doc__.splitlines()[0])
     p.add_argument("--version", action="version", version=f"edgekit {__version__}")
@@ -504,66 +571,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="device profile name or path to a .toml; several, comma-separated "
                          "(rpi5,coral-usb,x86-64), convert in parallel processes, one bundle each")
     profiles_dir_opt(cv)
-    cv.add_argument("--calib", required=True,
-                    help="calibration data: folder of .npy files, one .npy/.npz, a folder of images, or a .csv")
     cv.add_argument("--out", required=True, help="output folder for the bundle")
-    cv.add_argument("--key", help="private signing key (default ~/.config/edgekit/keys/edgekit-signing.key)")
-    cv.add_argument("--name", help="bundle name (default: the model file's stem)")
-    cv.add_argument("--version", default="1.0.0", help="semantic version of this bundle (default 1.0.0)")
-    cv.add_argument("--labels", help="text file with one class name per line")
-    cv.add_argument("--seed", type=int, default=0, help="seed for the calibration/validation split")
-    cv.add_argument("--threads", type=int, help="threads for the host latency measurement")
-    cv.add_argument("--mode", choices=["int8", "dynamic", "fp16", "none"],
-                    help="quantization mode (default: the profile's quantization.mode)")
-    cv.add_argument("--allow-float-ops", action="store_true",
-                    help="TFLite int8: keep ops without an int8 kernel in float (listed in the report) instead "
-                         "of failing")
-    cv.add_argument("--label-column", metavar="N|NAME",
-                    help="CSV calibration/validation source: the label column, a 0-based index or a header name")
-    cv.add_argument("--val", metavar="SRC",
-                    help="validation source, separate from --calib (same kinds; labels from class subfolders, "
-                         ".npz 'y' or --label-column); default: a seeded split of --calib")
-    q = cv.add_argument_group("quantization and the accuracy gate (default: the profile's quantization section)")
-    q.add_argument("--calib-method", choices=["minmax", "entropy", "percentile"],
-                   help="how activation ranges are calibrated (ONNX; TFLite has minmax only)")
-    pc = q.add_mutually_exclusive_group()
-    pc.add_argument("--per-channel", dest="per_channel", action="store_const", const=True, default=None,
-                    help="per-channel weight scales")
-    pc.add_argument("--per-tensor", dest="per_channel", action="store_const", const=False,
-                    help="one weight scale per tensor")
-    q.add_argument("--exclude-nodes", metavar="A,B",
-                   help="nodes kept in float: ONNX node names (after onnxruntime's pre-processing), TFLite tensor "
-                        "names")
-    q.add_argument("--exclude-op-types", metavar="T,U",
-                   help="op types kept in float, e.g. Softmax (ONNX) or SOFTMAX (TFLite)")
-    q.add_argument("--gate-accuracy", type=float, metavar="RATIO",
-                   help="with labels: quantized accuracy must be >= RATIO x fp32 accuracy (default 0.99)")
-    q.add_argument("--gate-agreement", type=float, metavar="A",
-                   help="without labels: top-1 agreement with fp32 must be >= A (default 0.99)")
-    q.add_argument("--gate-snr", type=float, metavar="DB",
-                   help="outputs that are not class scores: SNR against fp32 must be >= DB (default 20)")
-    q.add_argument("--no-ladder", action="store_true",
-                   help="when the gate fails, stop (exit 1) instead of trying the recovery ladder")
-    g = cv.add_argument_group("image preprocessing (recorded in the bundle, applied on the device)")
-    g.add_argument("--size", help="HEIGHTxWIDTH the model expects")
-    g.add_argument("--color", choices=["gray", "rgb", "bgr"])
-    g.add_argument("--layout", choices=["NCHW", "NHWC"])
-    g.add_argument("--mean", help="per-channel mean after scaling, e.g. 0.485,0.456,0.406")
-    g.add_argument("--std", help="per-channel std, e.g. 0.229,0.224,0.225")
-    g.add_argument("--scale", type=float, help="pixel multiplier before mean/std (default 1/255)")
-    t = cv.add_argument_group("Edge TPU (profiles with the edgetpu delegate: coral-usb, coral-devboard)")
-    t.add_argument("--require-edgetpu", action="store_true",
-                   help="fail (exit 2, before any work) when edgetpu_compiler is missing, instead of writing a "
-                        "CPU-only bundle")
-    t.add_argument("--edgetpu-compiler", metavar="PATH",
-                   help="the edgetpu_compiler to run (default: edgetpu_compiler on PATH)")
-    o = cv.add_argument_group("ONNX to TFLite (a .onnx model for a TFLite profile: onnx2tf in its own "
-                              "environment)")
-    o.add_argument("--offline", action="store_true",
-                   help="never build the onnx2tf environment (an error when it is missing); conversion itself "
-                        "never uses the network")
-    o.add_argument("--onnx2tf-env", metavar="DIR", help="the onnx2tf environment's folder (default: "
-                                                        "~/.cache/edgekit/onnx2tf-<hash>)")
+    add_convert_options(cv)
     cv.add_argument("--jobs", type=int, metavar="N",
                     help="with several profiles: conversions run at once (default: one per profile, at most the "
                          "CPU count)")
@@ -583,6 +592,7 @@ def build_parser() -> argparse.ArgumentParser:
     to.add_argument("--json", action="store_true", help="print JSON")
     to.set_defaults(func=cmd_tools_onnx2tf)
     register_monitor(sub)  # monitor, report (converters/monitor_cli.py)
+    register_deploy(sub)  # push, deploy, cmd (converters/deploy_cli.py)
     return p
 
 

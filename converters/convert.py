@@ -458,6 +458,7 @@ class _Job:
     allow_float_ops: bool = False
     onnx2tf_env: Path | None = None
     offline: bool = False
+    latency_budget_ms: float | None = None  # golden.latency_budget_ms: the device's smoke-test latency bound
 
 
 # --------------------------------------------------------------------------------------------------
@@ -589,6 +590,15 @@ def _edgetpu_step(job: _Job, quant: Path, work: Path, q_inputs: list[TensorSpec]
 # packaging
 
 
+def _budget(given: float | None, profile: Profile) -> float | None:
+    """The smoke-test latency budget: ``--latency-budget-ms``, else the profile's p99 SLO, else none."""
+    if given is not None:
+        if not given > 0:
+            raise InputError(f"--latency-budget-ms must be greater than 0, not {given}")
+        return float(given)
+    return float(profile.telemetry.slo_p99_ms) if profile.telemetry.slo_p99_ms > 0 else None
+
+
 def _package(job: _Job, model_member: str, model_file: Path, fmt: str, engine: str, tools: dict[str, str],
              report: dict[str, Any], q_inputs: list[TensorSpec], q_outputs: list[TensorSpec],
              golden: tuple[dict[str, np.ndarray], dict[str, np.ndarray], float], pre: Preprocessing | None,
@@ -613,7 +623,8 @@ def _package(job: _Job, model_member: str, model_file: Path, fmt: str, engine: s
         "tools": tools,
         "preprocessing": pre.to_dict() if pre is not None else None,
         "labels": "labels.txt" if job.labels is not None else None,
-        "golden": {"inputs": "golden/inputs.npz", "outputs": "golden/outputs.npz", "atol": atol},
+        "golden": {"inputs": "golden/inputs.npz", "outputs": "golden/outputs.npz", "atol": atol,
+                   **({} if job.latency_budget_ms is None else {"latency_budget_ms": job.latency_budget_ms})},
         "report": "report.json",
         "quantization": quantization,
         "validation": {**_summary(validation), "gate": _compact_gate(validation.get("gate")),
@@ -675,7 +686,7 @@ def convert(model: Path, profile: Profile, calib: str, out_dir: Path, key: Path,
             label_column: str | int | None = None, val: str | None = None,
             overrides: Overrides | None = None, require_edgetpu: bool = False,
             edgetpu_compiler: str | Path | None = None, onnx2tf_env: Path | None = None, offline: bool = False,
-            plot: bool = False) -> ConvertResult:
+            plot: bool = False, latency_budget_ms: float | None = None) -> ConvertResult:
     """Quantize ``model`` for ``profile``, validate it against the float model, gate it, and write a signed bundle.
 
     The bundle is ``out_dir / f"{name}-{version}-{profile.name}.edgebundle"``. ``mode`` overrides the
@@ -710,7 +721,8 @@ def convert(model: Path, profile: Profile, calib: str, out_dir: Path, key: Path,
                label_names=label_names, label_column=label_column, seed=seed,
                threads=threads or min(profile.runtime.threads, os.cpu_count() or 1), steps=steps,
                notes=notes, latency_runs=latency_runs, val=val, edgetpu=plan, allow_float_ops=allow_float_ops,
-               onnx2tf_env=Path(onnx2tf_env) if onnx2tf_env is not None else None, offline=offline)
+               onnx2tf_env=Path(onnx2tf_env) if onnx2tf_env is not None else None, offline=offline,
+               latency_budget_ms=_budget(latency_budget_ms, profile))
     if fmt == "onnx":
         if allow_float_ops:
             notes.append("--allow-float-ops applies to TFLite conversion only; onnxruntime's QDQ models keep "
