@@ -462,7 +462,9 @@ class ModelStore:
                     _remove(self.root / JOURNAL)
 
     def prune(self) -> list[str]:
-        """Remove slots beyond the newest ``keep``; never the active, previous or in-progress one."""
+        """Remove slots of bundles that failed (refused, rolled back) and slots beyond the newest ``keep``
+        that did not; never the active, previous or in-progress one. A failed bundle so never pushes a
+        working version out of the store."""
         removed: list[str] = []
         with self._locked():
             try:
@@ -471,8 +473,11 @@ class ModelStore:
                 log.warning("not pruning: %s", e.message)
                 return removed
             journal = self._journal_or_none()
-            slots = self.slots()
-            keepers = {s.id for s in slots[: self.keep]} | {ptr.active, ptr.previous}
+            results = self._results()
+            failed = {s.id for s in self.slots()
+                      if (results.get(s.bundle_sha256) or {}).get("result") in ("rejected", "rolled_back")}
+            slots = [s for s in self.slots() if s.id not in failed] + [s for s in self.slots() if s.id in failed]
+            keepers = {s.id for s in slots[: self.keep] if s.id not in failed} | {ptr.active, ptr.previous}
             if journal is not None:
                 keepers.add(journal.get("slot"))
             for s in slots:

@@ -207,6 +207,17 @@ def test_prune_keeps_the_newest_and_never_active_or_previous(tmp_path: Path, bun
     assert len(store3.slots()) == 3
 
 
+def test_prune_drops_failed_bundles_before_working_versions(tmp_path: Path, bundles: dict[str, Path],
+                                                            keypair: tuple[Path, Path]) -> None:
+    store = ModelStore(tmp_path, keypair[1], keep=3)
+    s1, s2 = install(store, bundles["v1"]), install(store, bundles["v2"])
+    bad = store.stage(bundles["v3"], source="inbox")  # say its smoke test failed
+    store.record_result(bad.bundle_sha256, "rolled_back", "golden_mismatch", "outputs differ")
+    s4 = install(store, bundles["v4"])  # the commit prunes: the failed slot goes, v1 (older, working) stays
+    assert {s.id for s in store.slots()} == {s1.id, s2.id, s4.id}
+    assert not bad.path.exists() and leftovers(tmp_path) == []
+
+
 def test_restaging_the_same_bundle_reuses_its_slot(tmp_path: Path, bundles: dict[str, Path],
                                                    keypair: tuple[Path, Path]) -> None:
     store = ModelStore(tmp_path, keypair[1])
