@@ -243,11 +243,12 @@ class _Lines:
     """Progress as plain lines on stderr (--json, or stderr is not a terminal); a tool's own progress is
     printed when its message changes or it passes another tenth."""
 
-    def __init__(self) -> None:
+    def __init__(self, label: str = "convert") -> None:
         self.last: dict[str, tuple[str, int]] = {}
+        self.label = label
 
     def __call__(self, who: str, message: str, fraction: float | None) -> None:
-        tag = f"[convert {who}]" if who else "[convert]"
+        tag = f"[{self.label} {who}]" if who else f"[{self.label}]"
         if fraction is None:
             print(f"{tag} {message}", file=sys.stderr)
             return
@@ -259,10 +260,10 @@ class _Lines:
 
 
 @contextmanager
-def _progress_view(rows: list[str], *, plain: bool, transient: bool) -> Iterator[EventFn]:
+def _progress_view(rows: list[str], *, plain: bool, transient: bool, label: str = "convert") -> Iterator[EventFn]:
     """event(row, message, fraction): one progress row per name in ``rows`` (rich), or plain lines."""
     if plain:
-        yield _Lines()
+        yield _Lines(label)
         return
     from rich.progress import BarColumn, Progress, SpinnerColumn, TaskProgressColumn, TextColumn, TimeElapsedColumn
 

@@ -108,9 +108,12 @@ def push_all(bundle: Path, targets: Sequence[str], args: argparse.Namespace, *,
     def one(tr: Any) -> Any:
         name = str(tr.target)
 
+        waits = wait_s is not None and tr.target.kind != "dir"
+
         def progress(done: int, total: int) -> None:
             if on_progress is not None:
-                on_progress(name, "sending" if done < total else "waiting for the device", done / max(total, 1))
+                last = "sent, waiting for the device" if waits else "sent"
+                on_progress(name, "sending" if done < total else last, done / max(total, 1))
         try:
             result = tr.push(bundle, progress=progress, wait_s=wait_s if tr.target.kind != "dir" else None)
         except EdgekitError as e:
@@ -127,7 +130,7 @@ def push_all(bundle: Path, targets: Sequence[str], args: argparse.Namespace, *,
 def _progress(targets: Sequence[str], plain: bool) -> Any:
     from converters.cli import _progress_view
 
-    return _progress_view(list(targets), plain=plain, transient=True)
+    return _progress_view(list(targets), plain=plain, transient=True, label="push")
 
 
 def _print_results(bundle: Path, results: list[Any], extra: dict[str, Any] | None = None) -> None:

@@ -120,7 +120,7 @@ class Activator:
     """The activation pipeline up to the switch, in its own thread (see module docstring)."""
 
     def __init__(self, store: ModelStore, *, emit: Emit, inboxes: list[Path] | None = None,
-                 threads: int | None = None, poll_s: float = 0.05) -> None:
+                 threads: int | None = None, poll_s: float = 0.02) -> None:
         self.store = store
         self.emit = emit
         self.inboxes = [Path(p) for p in inboxes or []]
