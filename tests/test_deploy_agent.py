@@ -4,9 +4,11 @@ to and committed, or refused / rolled back with the reason, while the current mo
 from __future__ import annotations
 
 import json
+import tarfile
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 from tests.deploy_helpers import AgentProc, drop_into, golden_bundle, wait_for
@@ -27,12 +29,21 @@ def versions(tmp_path_factory: pytest.TempPathFactory, keypair: tuple[Path, Path
     tampered.write_bytes(bytes(data))
     truncated = d / "mlp-9.0.1-truncated.edgebundle"
     truncated.write_bytes(good1.read_bytes()[:4000])
+    corrupt = d / "mlp-9.0.3-corrupt.edgebundle"
+    corrupt.write_bytes(np.random.default_rng(7).integers(0, 256, 20_000, dtype=np.uint8).tobytes())
+    unsigned = d / "mlp-9.0.4-unsigned.edgebundle"
+    with tarfile.open(good1) as src, tarfile.open(unsigned, "w", format=tarfile.USTAR_FORMAT) as dst:
+        for member in src.getmembers():
+            if member.name != "manifest.sig":
+                dst.addfile(member, src.extractfile(member))
     return {
         "v1": good1,
         "v2": golden_bundle(d / "mlp-2.0.0.edgebundle", private, version="2.0.0", seed=2),
         "v3": golden_bundle(d / "mlp-3.0.0.edgebundle", private, version="3.0.0", seed=3),
         "tampered": tampered,
         "truncated": truncated,
+        "corrupt": corrupt,
+        "unsigned": unsigned,
         "wrong_key": golden_bundle(d / "mlp-9.0.2-foreign.edgebundle", other, version="9.0.2", seed=4),
         "no_load": golden_bundle(d / "mlp-9.1.0-noload.edgebundle", private, version="9.1.0",
                                  model_bytes=b"this is not an onnx model"),
@@ -79,6 +90,7 @@ def test_inbox_activation_refusals_and_rollbacks_keep_serving(tmp_path: Path, ve
 
         # every bad bundle: refused or rolled back with its reason; version 2.0.0 serves throughout
         expected = {"tampered": ("rejected", "tampered"), "truncated": ("rejected", "truncated"),
+                    "corrupt": ("rejected", "truncated"), "unsigned": ("rejected", "unsigned"),
                     "wrong_key": ("rejected", "bad_signature"), "no_load": ("rolled_back", "load_failed"),
                     "golden_bad": ("rolled_back", "golden_mismatch"), "slow": ("rolled_back", "latency_budget")}
         for key, (result, reason) in expected.items():
