@@ -2,10 +2,12 @@
 
     edge-agent bench --bundle B [--pubkey K] [--warmup N] [--count N | --duration S --min-count N]
                      [--threads N] [--source S] [--state-dir DIR] [DEVICE OPTIONS] [--json]
-    edge-agent run   --bundle B [--pubkey K] [--duration S] [--source S] [--mqtt HOST:PORT]
+    edge-agent run   [--config PATH] [--bundle B] [--pubkey K] [--duration S] [--source S] [--mqtt HOST:PORT]
                      [--device-id ID] [--window S] [--state-dir DIR] [--threads N] [DEVICE OPTIONS] [--json]
-                     [--mqtt-protocol 5|3.1.1] [--mqtt-user U --mqtt-password-file F]
+                     [--mqtt-protocol 5|3.1.1] [--mqtt-user U --mqtt-password-file F] [--mqtt-prefix P]
                      [--mqtt-tls-ca CA [--mqtt-cert C --mqtt-key K]] [--spool-max-mb M] [--spool-max-age-h H]
+    edge-agent install-service [--dry-run] [--root DIR] [--user U] [--config PATH] [--profile NAME|PATH]
+                     [--exec PATH] [--memory-max SIZE] [--watchdog-sec S] [--json]
     edge-agent calibrate-idle --state-dir DIR [--duration S] [--settle S] [DEVICE OPTIONS] [--json]
     edge-agent infer --bundle B [--pubkey K] --input FILE.npy [--threads N] [--json]
 
@@ -15,6 +17,12 @@ the profile's ``[power] source``: ``none``, ``rapl``, ``ina3221``, ``pmic``, ``h
 ``serial:<meter>``), ``--power-port PORT``, ``--sysfs-root DIR`` (default /sys), ``--vcgencmd PATH``,
 ``--nvpmodel PATH``. A power source the profile names but the board lacks is an error (exit 2) unless
 ``--power none`` is given. See ``edge_agent.hardware``.
+
+``run --config PATH`` reads the agent's config file (edge_agent/config.py; default
+/etc/edge-agent/config.toml when it exists and no ``--bundle`` is given): flags given on the command line
+win over the file, the file wins over the built-in defaults. ``install-service`` writes the systemd unit
+(edge_agent/systemd_unit.py), a default config when there is none, creates the service user and enables
+the service; ``--root DIR`` writes under DIR and enables nothing, ``--dry-run`` only prints.
 
 ``bench`` counts: ``--count N`` alone runs exactly N timed inferences (default 500); ``--duration S`` and
 ``--min-count N`` (MLPerf single-stream style) run until both at least N inferences and S seconds have
@@ -81,6 +89,8 @@ def parse_hostport(text: str, default_port: int = 1883) -> tuple[str, int]:
 
 
 def _build_parser() -> argparse.ArgumentParser:
+    from edge_agent.config import DEFAULT_CONFIG_PATH, UNSET, UNSET_DESTS
+
     p = argparse.ArgumentParser(prog=PROG, description="edgekit device agent: run, measure and report a "
                                 "signed model bundle.")
     p.add_argument("--version", action="version", version=f"{PROG} {__version__}")
@@ -161,6 +171,32 @@ def _build_parser() -> argparse.ArgumentParser:
                    "(default 64)")
     m.add_argument("--spool-max-age-h", type=float, default=168.0,
                    help="windows older than this many hours are dropped from the spool (default 168 = 7 days)")
+    m.add_argument("--mqtt-prefix", metavar="PREFIX", default="edgekit",
+                   help="topic prefix: PREFIX/<device>/telemetry … (default edgekit)")
+    r.add_argument("--config", metavar="PATH", help="the agent's config file (TOML; default: "
+                   f"{DEFAULT_CONFIG_PATH} when it exists and no --bundle is given); flags given here win over it")
+    # "not given" must be told from "given with the default value": the config file fills what is UNSET
+    r.set_defaults(**{dest: UNSET for dest in UNSET_DESTS})
+
+    s = sub.add_parser("install-service", help="install the agent as a systemd service (unit, config, user)")
+    s.add_argument("--dry-run", action="store_true", help="print what would be written and run; change nothing")
+    s.add_argument("--root", default="/", metavar="DIR", help="write every file under DIR instead of / and "
+                   "enable nothing (packaging, tests)")
+    s.add_argument("--user", default="edge-agent", help="the dedicated system user the service runs as "
+                   "(created with useradd --system when missing; default edge-agent)")
+    s.add_argument("--config", default=str(DEFAULT_CONFIG_PATH), metavar="PATH",
+                   help=f"the config file the service reads (default {DEFAULT_CONFIG_PATH}); written with every "
+                   "key at its default only when it does not exist")
+    s.add_argument("--profile", metavar="NAME|PATH", help="device profile the unit's device rules follow "
+                   "(default: the existing config's profile)")
+    s.add_argument("--profiles-dir", metavar="DIR", help="extra folder of <name>.toml profiles")
+    s.add_argument("--exec", dest="exec_path", metavar="PATH", help="the edge-agent executable the unit starts "
+                   "(default: the one beside this Python, else on PATH)")
+    s.add_argument("--memory-max", default="75%", metavar="SIZE",
+                   help="MemoryMax= of the service: 512M, 2G, 75%% of RAM (default 75%%)")
+    s.add_argument("--watchdog-sec", type=int, default=30, metavar="S",
+                   help="WatchdogSec=: a loop that does not ping for S seconds is restarted (default 30)")
+    s.add_argument("--json", action="store_true", help="print the steps as JSON")
 
     c = sub.add_parser("calibrate-idle", help="measure the board's idle power (no inference) for energy figures")
     c.add_argument("--state-dir", required=True, help="folder to write idle_power.json to (the one run/bench "
@@ -181,6 +217,9 @@ def _build_parser() -> argparse.ArgumentParser:
     from edge_agent.models_cli import add_models_parser
 
     add_models_parser(sub)  # models list | activate VERSION | rollback (edge_agent/models_cli.py)
+    from edge_agent.doctor import add_doctor_parser
+
+    add_doctor_parser(sub)  # doctor: the board against its profile (edge_agent/doctor.py)
     return p
 
 
@@ -276,35 +315,35 @@ def _read_password(path: str) -> str:
 
 
 def mqtt_settings(args: argparse.Namespace) -> Any:
-    """The MQTT options of ``run`` as ``MqttSettings``; InputError (exit 2) for unusable ones."""
-    import os
-    import stat
+    """The MQTT options of ``run`` as ``MqttSettings``; InputError (exit 2) for unusable ones.
 
+    Errors name the flag, or the config key and file when the value came from ``--config``.
+    """
+    from edge_agent.config import check_private_file, option_label
     from edge_agent.telemetry.mqtt import MqttSettings, TlsOptions
 
-    used = [o for o, v in (("--mqtt-user", args.mqtt_user), ("--mqtt-password-file", args.mqtt_password_file),
-                           ("--mqtt-tls-ca", args.mqtt_tls_ca), ("--mqtt-cert", args.mqtt_cert),
-                           ("--mqtt-key", args.mqtt_key)) if v is not None]
+    def label(dest: str) -> str:
+        return option_label(args, dest, "--" + dest.replace("_", "-"))
+
+    used = [label(d) for d in ("mqtt_user", "mqtt_password_file", "mqtt_tls_ca", "mqtt_cert", "mqtt_key")
+            if getattr(args, d) is not None]
     if args.mqtt is None:
         if used:
             raise InputError(f"{', '.join(used)} need --mqtt HOST:PORT")
         return None
     if args.mqtt_password_file is not None and args.mqtt_user is None:
-        raise InputError("--mqtt-password-file needs --mqtt-user")
+        raise InputError(f"{label('mqtt_password_file')} needs --mqtt-user")
     if (args.mqtt_cert is None) != (args.mqtt_key is None):
         raise InputError("--mqtt-cert and --mqtt-key go together")
     if args.mqtt_cert is not None and args.mqtt_tls_ca is None:
         raise InputError("--mqtt-cert needs --mqtt-tls-ca (the CA that signed the broker's certificate)")
-    for flag, value in (("--mqtt-tls-ca", args.mqtt_tls_ca), ("--mqtt-cert", args.mqtt_cert),
-                        ("--mqtt-key", args.mqtt_key), ("--mqtt-password-file", args.mqtt_password_file)):
+    for dest in ("mqtt_tls_ca", "mqtt_cert", "mqtt_key", "mqtt_password_file"):
+        value = getattr(args, dest)
         if value is not None and not Path(value).is_file():
-            raise InputError(f"{flag} {value} does not exist")
-    for flag, value in (("--mqtt-key", args.mqtt_key), ("--mqtt-password-file", args.mqtt_password_file)):
-        if value is not None:
-            mode = stat.S_IMODE(os.stat(value).st_mode)
-            if mode & 0o077:
-                raise InputError(f"{flag} {value} is readable or writable by group/others (mode {mode:04o})",
-                                 hint=f"chmod 600 {value}")
+            raise InputError(f"{label(dest)} {value} does not exist")
+    for dest in ("mqtt_key", "mqtt_password_file"):
+        if getattr(args, dest) is not None:
+            check_private_file(getattr(args, dest), label(dest))
     tls = None
     if args.mqtt_tls_ca is not None:
         tls = TlsOptions(Path(args.mqtt_tls_ca), None if args.mqtt_cert is None else Path(args.mqtt_cert),
@@ -314,9 +353,29 @@ def mqtt_settings(args: argparse.Namespace) -> Any:
                         password=password, tls=tls)
 
 
+def run_config(args: argparse.Namespace) -> argparse.Namespace:
+    """``run``'s args merged with its config file (``--config``, else the default one when it exists and no
+    ``--bundle`` is given): flags given win, then the file, then built-in defaults. The config in use (or
+    None) is ``args.agent_config``; its ``log_level`` applies unless -v was given."""
+    from edge_agent.config import DEFAULT_CONFIG_PATH, load_config, merge
+
+    path = args.config
+    if path is None and args.bundle is None and DEFAULT_CONFIG_PATH.is_file():
+        path = str(DEFAULT_CONFIG_PATH)
+    config = load_config(path) if path is not None else None
+    merged = merge(args, config)
+    merged.agent_config = config
+    if config is not None:
+        logging.getLogger(PROG).info("config %s", config.source_file)
+        if args.verbose == 0:
+            logging.getLogger().setLevel(config.log_level.upper())
+    return merged
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     from edge_agent.service import _summary, run_agent
 
+    args = run_config(args)
     mqtt = parse_hostport(args.mqtt) if args.mqtt is not None else None
     settings = mqtt_settings(args)
     if args.spool_max_mb <= 0 or args.spool_max_age_h <= 0:
@@ -330,17 +389,68 @@ def _cmd_run(args: argparse.Namespace) -> int:
     def on_window(window: dict[str, Any]) -> None:
         print(json.dumps(window) if args.json else _summary(window), flush=True)
 
+    hup = threading.Event()
+
+    def on_hup(signum: int, frame: Any) -> None:
+        hup.set()
+
+    def reloader() -> dict[str, Any]:
+        from edge_agent.config import diff, load_config
+
+        old = args.agent_config
+        assert old is not None
+        new = load_config(old.source_file)  # a bad file raises: the agent goes on with the old config
+        live, restart = diff(old, new)
+        if restart:
+            logging.getLogger(PROG).warning("config %s: %s changed; that takes effect at the next restart "
+                                            "(systemctl restart edge-agent)", new.source_file, ", ".join(restart))
+        if "log_level" in live and args.verbose == 0:
+            logging.getLogger().setLevel(str(live["log_level"]).upper())
+        args.agent_config = new
+        return live
+
+    from edge_agent.sdnotify import Notifier
+
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, on_hup)
     try:
         run_agent(args.bundle, args.pubkey, source=args.source, duration=args.duration, window_s=args.window,
                   mqtt=mqtt, device_id=args.device_id or socket.gethostname(), state_dir=args.state_dir,
                   threads=args.threads, on_window=on_window, stop=stop, hardware=device_options(args),
                   mqtt_settings=settings, spool_max_bytes=int(args.spool_max_mb * 2**20),
                   spool_max_age_s=args.spool_max_age_h * 3600.0, inboxes=args.inbox, groups=args.group,
-                  keep=args.keep, health_n=args.health_inferences)
+                  keep=args.keep, health_n=args.health_inferences, topic_prefix=args.mqtt_prefix,
+                  notifier=Notifier.from_env(), reload=hup,
+                  reloader=reloader if args.agent_config is not None else None)
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
+    return 0
+
+
+def _cmd_install_service(args: argparse.Namespace) -> int:
+    from edge_agent.systemd_unit import install_service
+
+    steps = install_service(args.root, dry_run=args.dry_run, user=args.user, config=args.config,
+                            profile=args.profile, profiles_dir=args.profiles_dir, exec_path=args.exec_path,
+                            memory_max=args.memory_max, watchdog_s=args.watchdog_sec)
+    if args.json:
+        print(json.dumps({"dry_run": args.dry_run, "root": args.root,
+                          "steps": [step._asdict() for step in steps]}))
+        return 0
+    for step in steps:
+        if step.action == "write" and args.dry_run:
+            print(f"----- would write {step.target} -----")
+            print(step.content, end="" if step.content.endswith("\n") else "\n")
+            print(f"----- end of {step.target} -----")
+        elif step.action == "write":
+            print(f"wrote {step.target}")
+        elif step.action == "keep":
+            print(f"{'would keep' if args.dry_run else 'kept'} {step.target} ({step.content})")
+        elif step.action == "run":
+            print(f"{'would run' if args.dry_run else 'ran'}: {step.target}")
+        else:
+            print(f"note: {step.content}")
     return 0
 
 
@@ -555,8 +665,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         from edge_agent.models_cli import run_models
 
         return run_models(args)  # prints its own errors
+    if args.command == "doctor":
+        from edge_agent.doctor import run_doctor
+
+        return run_doctor(args)  # prints its own errors
     handler = {"bench": _cmd_bench, "run": _cmd_run, "infer": _cmd_infer,
-               "calibrate-idle": _cmd_calibrate_idle}[args.command]
+               "calibrate-idle": _cmd_calibrate_idle, "install-service": _cmd_install_service}[args.command]
     try:
         return handler(args)
     except EdgekitError as e:

@@ -293,7 +293,9 @@ def run_agent(bundle_path: str | os.PathLike | None, pubkey: str | os.PathLike |
               topic_prefix: str = "edgekit", mqtt_settings: MqttSettings | None = None,
               spool_max_bytes: int = SPOOL_MAX_BYTES, spool_max_age_s: float = SPOOL_MAX_AGE_S,
               max_inflight: int = 100, inboxes: Sequence[str | os.PathLike] = (), groups: Sequence[str] = (),
-              keep: int = 3, health_n: int = HEALTH_N) -> int:
+              keep: int = 3, health_n: int = HEALTH_N, notifier: Any = None,
+              reload: threading.Event | None = None,
+              reloader: Callable[[], dict[str, Any]] | None = None) -> int:
     """Run until ``duration`` seconds pass or ``stop`` is set; return the windows emitted.
 
     With ``bundle_path`` the agent runs that bundle (verified, unpacked to a temporary folder). Without it
@@ -311,6 +313,12 @@ def run_agent(bundle_path: str | os.PathLike | None, pubkey: str | os.PathLike |
     (default ``DeviceOptions()``: the manifest's profile under /sys); each window then carries the mean
     power over the window, energy per inference (idle-subtracted with a baseline in ``state_dir``), the
     hottest configured thermal zone, the mean CPU frequency and whether the board throttled.
+
+    Under systemd (``notifier``: ``sdnotify.Notifier``) the agent says READY once it serves (or, with an
+    empty store, waits for its first bundle), pings the watchdog from the serving loop (so a runtime that
+    hangs is restarted; a busy one is not), and says STOPPING on the way out. When ``reload`` is set
+    (SIGHUP) the loop calls ``reloader()`` between two windows and applies what it returns
+    (``window_s``) without dropping the model.
     """
     if window_s <= 0:
         raise InputError(f"the window must be longer than 0 s, got {window_s}")
@@ -355,7 +363,8 @@ def run_agent(bundle_path: str | os.PathLike | None, pubkey: str | os.PathLike |
                    sink=sink, hardware=hardware if hardware is not None else DeviceOptions(),
                    topic_prefix=topic_prefix, settings=mqtt_settings or MqttSettings(), spool=spool, seq=seq,
                    max_inflight=max_inflight, inboxes=[Path(p) for p in inboxes], groups=list(groups),
-                   keep=keep, health_n=health_n)
+                   keep=keep, health_n=health_n, notifier=notifier or _NoNotifier(),
+                   reload=reload or threading.Event(), reloader=reloader)
     try:
         return agent.run()
     finally:
@@ -397,6 +406,9 @@ class _Agent:
     groups: list[str]
     keep: int
     health_n: int
+    notifier: Any
+    reload: threading.Event
+    reloader: Callable[[], dict[str, Any]] | None
     emitted: int = 0
     spooling: SpoolingSink | None = None
     serving: Any = None  # Session (bundle mode) or activation.Model (store mode)
@@ -467,6 +479,7 @@ class _Agent:
                     return self._serve()
             return self._run_store()
         finally:
+            self.notifier.stopping("flushing telemetry, publishing offline")
             if self.sink is not None:
                 self.sink.close(timeout=5.0)
 
@@ -534,7 +547,10 @@ class _Agent:
             active = back
         log.warning("the model store in %s holds no model that loads: waiting for a bundle (inbox %s, MQTT "
                     "deploy topic)", self.state, ", ".join(map(str, self.inboxes)) or "none")
+        self.notifier.ready("no model yet: waiting for a bundle")
         while not self.stop.is_set():
+            self.notifier.watchdog()
+            self._maybe_reload()
             cand = activator.take()
             if cand is not None:
                 model = cand.model
@@ -630,12 +646,17 @@ class _Agent:
     def _bench(self, duration: float) -> dict[str, Any]:
         lat = array("q")
         t0 = time.perf_counter_ns()
+        end, n = t0 + int(duration * 1e9), 0
+        now = t0
         try:
-            n, end = timed_loop(self.serving.backend.run, self.serving.source.next, lat,
-                                t0 + int(duration * 1e9), _NEVER)
+            while now < end:  # in slices, so the watchdog keeps being fed during a long bench
+                k, now = timed_loop(self.serving.backend.run, self.serving.source.next, lat,
+                                    min(end, now + int(SLICE_S * 1e9)), _NEVER)
+                n += k
+                self.notifier.watchdog()
         except SourceEnded as e:
             return {"message": f"the source ended: {e.message}"}
-        return {"model": self.serving.ref, "count": n, "fps": round(n / max((end - t0) / 1e9, 1e-9), 2),
+        return {"model": self.serving.ref, "count": n, "fps": round(n / max((now - t0) / 1e9, 1e-9), 2),
                 "latency_ms": latency_summary_ms(lat)}
 
     # ------------------------------------------------------------------------------ switching models
@@ -710,6 +731,7 @@ class _Agent:
             log.info("stopped before the first window")
             return 0
         # from here on at least one window (possibly partial, even empty) is emitted
+        self.notifier.ready(self._status_text())
         mqtt = self.mqtt
         log.info("running %s %s (profile %s) on %s with %s; source %s; windows of %g s; telemetry %s",
                  sess.manifest.name, sess.manifest.version, sess.manifest.profile, info["engine"],
@@ -739,18 +761,50 @@ class _Agent:
                     log.info("source ended: %s", e.message)  # latencies so far are kept in `lat`
                     ended, now = True, clock()
                     break
+                self.notifier.watchdog()  # only after inferences returned: a hung runtime stops the pings
+                if self.reload.is_set():
+                    break
                 if activator is not None and (activator.ready or not self.commands.empty()):
                     break  # end the window here: the next one is the new model's (or runs after the command)
             ts_end, cpu1, mono1 = time.time(), cpu_seconds(), mono()
             # the last window may be partial, even empty
             finished = ended or self.stop.is_set() or now >= run_end
             self._emit_window(sess, info, lat, ts_start, ts_end, cpu0, cpu1, mono0, mono1)
+            if not finished:
+                self._maybe_reload()
             if activator is not None and not finished:
                 self._handle_commands()
                 cand = activator.take()
                 if cand is not None:
                     self._switch(cand)
+                    self.notifier.status(self._status_text())
         return self.emitted
+
+    def _status_text(self) -> str:
+        if self.serving is None:
+            return "no model yet: waiting for a bundle"
+        m = self.serving.manifest
+        return f"serving {m.name} {m.version} ({self.serving.backend.info()['engine']})"
+
+    def _maybe_reload(self) -> None:
+        """SIGHUP: re-read the config and apply what can change without dropping the model."""
+        if not self.reload.is_set():
+            return
+        self.reload.clear()
+        if self.reloader is None:
+            log.warning("SIGHUP: no config file to reload (started without --config); nothing changed")
+            return
+        self.notifier.reloading("reloading the config")
+        try:
+            live = self.reloader()
+        except EdgekitError as e:
+            log.error("SIGHUP: the config was not reloaded, the agent goes on as it was: %s", e)
+            self.emit("error", what="config_reload", message=e.message)
+        else:
+            if "window_s" in live and live["window_s"] is not None:
+                self.window_s = float(live["window_s"])
+            log.info("config reloaded (%s)", ", ".join(f"{k}={v}" for k, v in live.items()) or "nothing to apply")
+        self.notifier.ready(self._status_text())
 
     def _emit_window(self, sess: Any, info: dict[str, Any], lat: array, ts_start: float, ts_end: float,
                      cpu0: float, cpu1: float, mono0: int, mono1: int) -> None:
@@ -778,6 +832,16 @@ class _Agent:
         log.info("window %s%s", _summary(window), "" if spooling is None else _telemetry_note(spooling))
         if self.on_window is not None:
             self.on_window(window)
+
+
+class _NoNotifier:
+    """Stands in for ``sdnotify.Notifier`` outside systemd (and in tests)."""
+
+    def ready(self, status: str | None = None) -> None: ...
+    def status(self, text: str) -> None: ...
+    def watchdog(self) -> None: ...
+    def reloading(self, status: str | None = None) -> None: ...
+    def stopping(self, status: str | None = None) -> None: ...
 
 
 def _source_counts(source: Any) -> tuple[int, int] | None:
