@@ -18,6 +18,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from converters.broker_cli import register as register_broker
 from converters.deploy_cli import register as register_deploy
 from converters.monitor_cli import register as register_monitor
 from edge_agent import __version__
@@ -594,6 +595,7 @@ def build_parser() -> argparse.ArgumentParser:
     to.set_defaults(func=cmd_tools_onnx2tf)
     register_monitor(sub)  # monitor, report (converters/monitor_cli.py)
     register_deploy(sub)  # push, deploy, cmd (converters/deploy_cli.py)
+    register_broker(sub)  # broker acl (converters/broker_cli.py)
     return p
 
 

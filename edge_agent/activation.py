@@ -307,6 +307,7 @@ class Activator:
 
         try:
             unpacked = self.store.load(slot)
+            check_delegates(unpacked.manifest, [self.store.state_dir, *self.inboxes])
             backend, report = smoke_test(unpacked, threads=self.threads)
         except (ActivationError, BundleError) as e:
             log.error("model %s failed its smoke test: %s", slot.id, e)
@@ -349,6 +350,28 @@ class Activator:
                 log.warning("cannot remove %s after activation: %s", job.path, e.strerror)
             self._seen.pop(job.path, None)
         return record
+
+
+def check_delegates(manifest: Any, writable: list[Path]) -> None:
+    """A bundle may name an ``external:<path>`` delegate (a shared library the agent loads, which runs its
+    code), but never one that lies where bundles are written (the state folder, the inboxes): bundles carry
+    models and data, and one bundle must not be able to load a library another one brought."""
+    for d in (manifest.runtime or {}).get("delegates") or []:
+        if not (isinstance(d, str) and d.startswith("external:")):
+            continue
+        lib = Path(d[len("external:"):])
+        if not lib.is_absolute():
+            raise BundleError(f"the bundle names the external delegate {lib}, which is not an absolute path",
+                              hint="name an installed library by its absolute path (e.g. /usr/lib/…)",
+                              reason="unsafe_delegate")
+        real = Path(os.path.realpath(lib))
+        for folder in writable:
+            base = Path(os.path.realpath(folder))
+            if real == base or base in real.parents:
+                raise BundleError(f"the bundle names the external delegate {lib}, which lies in {folder}, where "
+                                  "bundles are written: refused (a bundle must not load a library a bundle "
+                                  "brought)", hint="install the delegate library outside the agent's state "
+                                  "folder and inboxes, e.g. under /usr/lib", reason="unsafe_delegate")
 
 
 def _ref(slot: Slot) -> dict[str, Any]:

@@ -89,8 +89,16 @@ def _r(value: Any, limit: int = 60) -> str:
     return text if len(text) <= limit else text[:limit] + "…"
 
 
+def _finite(value: int | float) -> bool:
+    """A finite number that fits a float (JSON integers are unbounded: 10**400 overflows)."""
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
+
+
 def _number(value: Any, name: str, action: str, low: float, high: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not _finite(value):
         raise CommandError(f"{action}: {name} must be a number of seconds, got {_r(value)}",
                            hint=f"give {name} between {low:g} and {high:g}", reason="bad_args")
     if not low <= value <= high:
@@ -225,7 +233,7 @@ def _malformed(message: str, **kw: Any) -> CommandError:
 
 def _time(body: dict[str, Any], key: str, nonce: str, action: Any) -> float:
     value = body[key]
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not _finite(value):
         raise _malformed(f"command field {_r(key)} must be a Unix time in seconds, got {_r(value)}", nonce=nonce,
                          action=action if action in ACTIONS else None)
     return float(value)
@@ -367,7 +375,7 @@ class NonceStore:
             nonces: dict[str, float] = {}
             for k, v in data.items():
                 if not _NONCE.fullmatch(k) or isinstance(v, bool) or not isinstance(v, (int, float)) \
-                        or not math.isfinite(v):
+                        or not _finite(v):
                     raise ValueError(f"entry {_r(k)}: {_r(v)} is not nonce -> expiry time")
                 nonces[k] = float(v)
             return nonces

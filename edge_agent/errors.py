@@ -45,7 +45,8 @@ class BundleError(InputError):
 
     ``reason`` is a short stable code for scripts and events: malformed, schema, truncated, tampered,
     unsigned, bad_signature, unsafe_path, link_member, device_member, too_large, missing_member,
-    extra_member, not_found, dest_exists, io_error. docs/bundle.md says what each one means.
+    extra_member, not_found, dest_exists, io_error; unsafe_delegate (activation: an external delegate
+    library where bundles are written). docs/bundle.md says what each one means.
     """
 
     def __init__(self, message: str, hint: str | None = None, reason: str = "malformed") -> None:

@@ -132,7 +132,7 @@ def decode_chunk(payload: bytes, *, max_size: int = DEFAULT_MAX_SIZE) -> tuple[C
                             reason="malformed")
     try:
         h = json.loads(payload[:nl].decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as e:
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
         raise TransferError(f"chunk header is not UTF-8 JSON: {e}", reason="malformed") from e
     if not isinstance(h, dict):
         raise TransferError(f"chunk header is a JSON {type(h).__name__}, not an object", reason="malformed")
@@ -419,7 +419,7 @@ class Receiver:
             return None
         try:
             state = _State.from_json(have.read_bytes(), t)
-        except (OSError, ValueError, KeyError, TypeError) as e:
+        except (OSError, ValueError, KeyError, TypeError, RecursionError) as e:
             log.warning("transfer %s: its record %s is unreadable (%s); starting the transfer over", t[:12],
                         have, e)
             self._remove(t)
