@@ -12,6 +12,10 @@ command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || apt_pkgs+=
 [ -x /usr/sbin/sshd ] || apt_pkgs+=(openssh-server)
 command -v ssh >/dev/null 2>&1 && command -v ssh-keygen >/dev/null 2>&1 || apt_pkgs+=(openssh-client)
 "$PY" -c "import ensurepip, venv" >/dev/null 2>&1 || apt_pkgs+=(python3-venv)
+# the ARM64 test tier (tests/test_arm64.py, tools/arm64-env): an arm64 Debian root filesystem run under qemu
+# user emulation (no binfmt_misc needed); the tier is skipped with the reason when these are missing
+command -v qemu-aarch64-static >/dev/null 2>&1 || apt_pkgs+=(qemu-user-static)
+command -v debootstrap >/dev/null 2>&1 || [ -x /usr/sbin/debootstrap ] || apt_pkgs+=(debootstrap)
 if [ ${#apt_pkgs[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then sudo=""; elif command -v sudo >/dev/null 2>&1; then sudo="sudo"; else
     echo "setup: need root (or sudo) to install the Debian packages: ${apt_pkgs[*]}" >&2; exit 1
