@@ -48,6 +48,11 @@ def mqtt_settings(args: argparse.Namespace) -> MqttSettings:
         raise InputError("--tls-cert and --tls-key go together", hint="give both for a client certificate")
     if args.tls_cert is not None and args.tls_ca is None:
         raise InputError("a client certificate needs the broker's CA", hint="add --tls-ca FILE")
+    from edge_agent.config import check_private_file
+
+    for flag, value in (("--tls-key", args.tls_key), ("--password-file", args.password_file)):
+        if value is not None:
+            check_private_file(value, flag)  # readable by group/others: refused (chmod 600)
     tls = None
     if args.tls_ca is not None:
         tls = TlsOptions(Path(args.tls_ca), None if args.tls_cert is None else Path(args.tls_cert),
