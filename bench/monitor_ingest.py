@@ -5,10 +5,19 @@ each over the same N valid telemetry windows (default 20,000, from 50 devices):
 
   store    ``SqliteStore.add_windows`` alone, batches of 500 (the ceiling of the storage side)
   backlog  the monitor was away (persistent session); the broker queued N windows for it; from its
-           reconnect until every window is stored: the monitor's own ingest rate
+           reconnect until every window is stored: the monitor's own ingest rate (the figure the
+           requirement "≥ 5,000 windows/s" is about). Every window is decoded, validated, de-duplicated,
+           counted in the fleet state and stored; the counters are checked afterwards.
   live     the monitor is connected while one paho publisher sends N windows (QoS 1) as fast as it can;
            from the first window received until the last is stored (bounded by the publisher: ≈ 9,000
            msg/s on this machine, see DEPENDENCIES.md)
+
+and, for scale, a bare paho subscriber that only counts the same backlog (the ceiling of any paho-based
+ingester: paho's own per-message work is about half of the monitor's CPU) and the publisher's rate.
+
+The monitor is bound by one core (paho's network thread and the GIL), so on a shared machine its rate
+follows the CPU share it gets: run it 2-3 times. The CPU time of the process per window while draining
+the backlog is printed too; it moves much less with the machine's load than the rate does.
 
     .venv/bin/python bench/monitor_ingest.py [--count 20000] [--devices 50] [--json]
 """
@@ -86,23 +95,27 @@ def bench_store(payloads: list[bytes], tmp: Path) -> float:
     return rate
 
 
-def bench_backlog(b: Mosquitto, payloads: list[bytes], tmp: Path) -> tuple[float, float]:
+def bench_backlog(b: Mosquitto, payloads: list[bytes], tmp: Path) -> tuple[float, float, float]:
+    """(windows/s, publisher msg/s, CPU µs of this process per window while draining)."""
     store = SqliteStore(tmp / "backlog.db")
     mon = Monitor(b.host, b.port, store=store, client_id="bench-monitor-backlog").start()
     mon.stop()  # the session (and its subscriptions) stays on the broker
     pub = publisher(b)
     pub_rate = publish_all(pub, payloads)
     mon = Monitor(b.host, b.port, store=store, client_id="bench-monitor-backlog")
-    t = time.perf_counter()
+    t, cpu = time.perf_counter(), time.process_time()
     mon.start()
     wait_stored(mon, len(payloads))
     rate = len(payloads) / (time.perf_counter() - t)
+    cpu_us = (time.process_time() - cpu) / len(payloads) * 1e6
     assert store.count() == len(payloads), (store.count(), mon.counters)
+    c = mon.counters
+    assert (c.received, c.stored, c.errors, c.store_errors) == (len(payloads), len(payloads), 0, 0), c
     mon.stop()
     pub.disconnect()
     pub.loop_stop()
     store.close()
-    return rate, pub_rate
+    return rate, pub_rate, cpu_us
 
 
 def bench_bare(b: Mosquitto, payloads: list[bytes]) -> float:
@@ -154,14 +167,14 @@ def bench_live(b: Mosquitto, payloads: list[bytes], tmp: Path) -> float:
     store = SqliteStore(tmp / "live.db")
     mon = Monitor(b.host, b.port, store=store, client_id="bench-monitor-live").start()
     first: list[float] = []
-    orig = mon.handle
+    orig = mon._client.on_message  # paho calls it for every message, in arrival order
 
-    def timed(topic: str, payload: bytes, now: float | None = None) -> str:
+    def timed(client: Any, userdata: Any, msg: Any) -> None:
         if not first:
             first.append(time.perf_counter())
-        return orig(topic, payload, now)
+        orig(client, userdata, msg)
 
-    mon.handle = timed  # type: ignore[method-assign]
+    mon._client.on_message = timed
     pub = publisher(b)
     publish_all(pub, payloads)
     wait_stored(mon, len(payloads))
@@ -187,7 +200,7 @@ def main() -> int:
         b = Mosquitto(tmp / "broker").start()
         try:
             store_rate = bench_store(payloads, tmp)
-            backlog_rate, pub_rate = bench_backlog(b, payloads, tmp)
+            backlog_rate, pub_rate, backlog_cpu = bench_backlog(b, payloads, tmp)
             live_rate = bench_live(b, payloads, tmp)
             bare_rate = bench_bare(b, payloads)
         finally:
@@ -196,7 +209,8 @@ def main() -> int:
               "store_only_per_s": round(store_rate), "monitor_backlog_per_s": round(backlog_rate),
               "monitor_live_per_s": round(live_rate), "publisher_per_s": round(pub_rate),
               "bare_paho_backlog_per_s": round(bare_rate),
-              "monitor_vs_bare": round(backlog_rate / bare_rate, 2)}
+              "monitor_vs_bare": round(backlog_rate / bare_rate, 2),
+              "monitor_backlog_cpu_us_per_window": round(backlog_cpu, 1)}
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
@@ -208,7 +222,8 @@ def main() -> int:
                       ("bare paho subscriber, backlog (ceiling)", "bare_paho_backlog_per_s"),
                       ("paho QoS 1 publisher (for scale)", "publisher_per_s")):
         print(f"{name:<40} {result[key]:>10,}")
-    print(f"monitor backlog / bare paho: {result['monitor_vs_bare']:.2f}")
+    print(f"monitor backlog / bare paho: {result['monitor_vs_bare']:.2f}; "
+          f"CPU of the process while draining: {result['monitor_backlog_cpu_us_per_window']} µs/window")
     return 0
 
 

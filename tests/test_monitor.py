@@ -218,6 +218,79 @@ def test_shared_subscription_splits_the_fleet(broker: Mosquitto, pub: Publisher,
             s.close()
 
 
+def _msg(w: dict[str, Any] | bytes, device: str = "pi-1") -> argparse.Namespace:
+    """What paho hands to on_message (topic and payload are all the monitor reads)."""
+    payload = w if isinstance(w, bytes) else json.dumps(w).encode()
+    return argparse.Namespace(topic=f"edgekit/{device}/telemetry", payload=payload)
+
+
+def test_a_burst_is_taken_in_groups_and_its_tail_by_the_writer(tmp_path: Path) -> None:
+    # messages back to back (as paho delivers a backlog) wait and are taken together; the last ones of
+    # the burst are taken by the writer shortly after the burst ends, without any flush()
+    store = SqliteStore(tmp_path / "t.db")
+    mon = Monitor("127.0.0.1", 1, store=store, client_id="never-connects")
+    mon.start(wait=False)  # the writer runs; paho keeps trying a port nobody listens on
+    try:
+        n = 150  # not a multiple of the group size: a tail is left waiting
+        for seq in range(n):
+            mon._on_message(None, None, _msg(make_window("pi-1", seq)))
+        _until(lambda: mon.counters.stored == n, timeout=5)
+        c = mon.counters
+        assert (c.received, c.stored, c.duplicates, c.errors) == (n, n, 0, 0)
+        assert mon.fleet()["pi-1"].last_window["seq"] == n - 1  # type: ignore[index]
+        assert mon.fleet()["pi-1"].windows == n
+        assert sorted(r["seq"] for r in store.query()) == list(range(n))
+    finally:
+        mon.stop()
+        store.close()
+
+
+def test_flush_takes_the_messages_waiting_in_a_burst() -> None:
+    mon = Monitor("127.0.0.1", 1, store=None, client_id="never-connects")  # no writer thread at all
+    bad = [b"not json", json.dumps({**make_window("pi-1", 99), "surprise": 1}).encode()]
+    for seq in range(40):
+        mon._on_message(None, None, _msg(make_window("pi-1", seq)))
+    for payload in bad:
+        mon._on_message(None, None, _msg(payload))
+    assert mon.flush(5)
+    c = mon.counters
+    assert (c.received, c.malformed, c.wrong_schema, c.errors) == (42, 1, 1, 0)
+    assert mon.fleet()["pi-1"].windows == 40 and mon.fleet()["pi-1"].last_window["seq"] == 39  # type: ignore[index]
+
+
+def test_the_writer_survives_what_the_store_cannot_write(tmp_path: Path,
+                                                         caplog: pytest.LogCaptureFixture) -> None:
+    # a window with an integer SQLite cannot hold passes the schema; its batch is counted and logged as a
+    # store error, and so is an unexpected exception in a store; the windows after them are stored
+    store = SqliteStore(tmp_path / "t.db")
+    calls = [0]
+    add = store.add_windows
+
+    def flaky(records: Any) -> int:
+        calls[0] += 1
+        if calls[0] == 2:
+            raise RuntimeError("bug in a store")
+        return add(records)
+
+    store.add_windows = flaky  # type: ignore[method-assign]
+    mon = Monitor("127.0.0.1", 1, store=store, client_id="never-connects")
+    mon.start(wait=False)
+    try:
+        with caplog.at_level(logging.ERROR):
+            huge = make_window("pi-1", 0)
+            huge["seq"] = 2**70
+            for w in (huge, make_window("pi-1", 1), make_window("pi-1", 2)):
+                mon.handle("edgekit/pi-1/telemetry", json.dumps(w).encode())
+                assert mon.flush(5)
+        c = mon.counters
+        assert (c.received, c.store_errors, c.stored, c.errors) == (3, 2, 1, 0)
+        assert [r["seq"] for r in store.query()] == [2]
+        assert "not stored" in caplog.text and "bug in a store" in caplog.text and "Traceback" in caplog.text
+    finally:
+        mon.stop()
+        store.close()
+
+
 # ------------------------------------------------------------------------------------------------ CLI
 
 

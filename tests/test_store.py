@@ -153,3 +153,37 @@ def test_postgres_unreachable_is_a_store_error() -> None:
     with pytest.raises(StoreError, match="cannot open the PostgreSQL store") as e:
         PostgresStore(f"postgresql://nobody:secret@127.0.0.1:{free_port()}/x?connect_timeout=2")
     assert "secret" not in str(e.value)
+
+
+def test_sqlite_batches_span_several_statements(tmp_path: Path) -> None:
+    # a batch is written 100 rows per INSERT (devices too): 250 windows of 130 devices, with duplicates
+    # inside the batch and against what is stored, come out as executemany row by row would
+    s = SqliteStore(tmp_path / "big.db")
+    assert s.add_windows([record(make_window(f"d{i:03d}", 0)) for i in range(0, 130, 2)]) == 65
+    batch = [record(make_window(f"d{i % 130:03d}", i // 130), T0 + i) for i in range(250)]
+    batch += batch[:7]  # the same windows twice in one batch
+    assert s.add_windows(batch) == 250 - 65
+    assert s.count() == 250
+    rows = list(s.query())
+    assert sorted((r["device"], r["seq"]) for r in rows) == sorted(
+        {(f"d{i % 130:03d}", i // 130) for i in range(250)})
+    devs = {d["device"]: d for d in s.devices()}
+    assert len(devs) == 130
+    assert devs["d005"]["last_seq"] == 1 and devs["d005"]["last_seen"] == T0 + 135
+    assert devs["d129"]["last_seq"] == 0 and devs["d129"]["last_seen"] == T0 + 129
+    s.close()
+
+
+def test_sqlite_integer_beyond_64_bits_is_a_store_error_and_rolled_back(tmp_path: Path) -> None:
+    # JSON (and validate_window) allow any integer; SQLite stores 64 bits. The batch fails as a
+    # StoreError, the transaction is rolled back, and the store keeps working.
+    s = SqliteStore(tmp_path / "o.db")
+    w = make_window("pi-1", 1)
+    w["fps"] = 10**30
+    assert validate_window(w) == []
+    with pytest.raises(StoreError, match="cannot write 2 windows"):
+        s.add_windows([record(make_window("pi-1", 0)), record(w)])
+    assert s.count() == 0
+    assert s.add_windows([record(make_window("pi-1", 0))]) == 1
+    assert s.count() == 1
+    s.close()

@@ -7,7 +7,7 @@ import json
 
 import numpy as np
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from edge_agent.telemetry.schema import (
@@ -140,3 +140,101 @@ def test_validate_never_raises_on_huge_json_integers() -> None:
     w["cpu_pct"] = float("inf")
     problems = validate_window(w)
     assert any(p.startswith("seq:") for p in problems) and any(p.startswith("cpu_pct:") for p in problems)
+
+
+# ------------------------------------------------------------------------------------------------ fast path
+# validate_window answers "valid" from a quick exact-type check (_surely_valid) and otherwise runs the full
+# check (_problems, the original validator). The fast path may only ever say yes where the full check
+# finds nothing: on any window, valid or broken, both must give the same answer (or raise the same error).
+
+from edge_agent.telemetry.schema import OPTIONAL_FIELDS, _problems, _surely_valid  # noqa: E402
+
+_JSON_SCALARS = st.one_of(
+    st.none(), st.booleans(), st.integers(min_value=-5, max_value=5),
+    st.integers(min_value=-10**30, max_value=10**30), st.just(10**400),
+    st.floats(allow_nan=True, allow_infinity=True), st.just(-0.0), st.text(max_size=3),
+    st.sampled_from(["", "x", SCHEMA, "pi-7", "none"]))
+_JSON = st.recursive(
+    _JSON_SCALARS,
+    lambda inner: st.one_of(st.lists(inner, max_size=3), st.dictionaries(st.text(max_size=3), inner, max_size=3)),
+    max_leaves=6)
+_TOP_KEYS = st.sampled_from([*FIELDS, *OPTIONAL_FIELDS, "extra", ""])
+_LAT_KEYS = st.sampled_from([*LATENCY_KEYS, "p75"])
+_MODEL_KEYS = st.sampled_from(["name", "version", "sha256", "extra"])
+_POWER_KEYS = st.sampled_from(["mean", "idle", "source", "extra"])
+
+
+@st.composite
+def _mutated_window(draw: st.DrawFn) -> dict:
+    kw: dict = {}
+    if draw(st.booleans()):
+        kw["cpu_mhz"] = draw(st.one_of(st.none(), st.floats(0, 5000)))
+    if draw(st.booleans()):
+        kw["spool"] = (draw(st.integers(0, 10)), draw(st.one_of(st.none(), st.floats(0, 100))))
+    if draw(st.booleans()):
+        kw["power"] = {"source": "ina3221", "mean_w": draw(st.floats(0, 20)), "idle_w": draw(st.floats(0, 5))}
+    ns = draw(st.lists(st.integers(1, 10**9), max_size=20))
+    w = json.loads(json.dumps(window(latencies_ns=ns, **kw)))  # JSON types, as the monitor sees them
+    for _ in range(draw(st.integers(0, 4))):
+        where = draw(st.sampled_from(["top", "del", "lat", "model", "power", "order", "int_latency"]))
+        if where == "top":
+            w[draw(_TOP_KEYS)] = draw(_JSON)
+        elif where == "del" and w:
+            w.pop(draw(st.sampled_from(sorted(w))))
+        elif where in ("lat", "model", "power"):
+            key = {"lat": "latency_ms", "model": "model", "power": "power_w"}[where]
+            sub = w.get(key)
+            if isinstance(sub, dict):
+                k = draw({"lat": _LAT_KEYS, "model": _MODEL_KEYS, "power": _POWER_KEYS}[where])
+                if draw(st.booleans()):
+                    sub[k] = draw(_JSON)
+                else:
+                    sub.pop(k, None)
+        elif where == "order" and isinstance(w.get("latency_ms"), dict):
+            lat = w["latency_ms"]
+            for k in LATENCY_KEYS:
+                lat[k] = draw(st.floats(0, 10, allow_nan=False))
+        elif where == "int_latency" and isinstance(w.get("latency_ms"), dict):
+            w["latency_ms"][draw(_LAT_KEYS)] = draw(st.sampled_from([0, 3, 10**400]))
+    return w
+
+
+def _outcome(f, w: dict) -> object:
+    try:
+        return f(w)
+    except Exception as e:  # compare errors as well as answers
+        return type(e).__name__
+
+
+@settings(max_examples=1000)
+@given(_mutated_window())
+def test_fast_path_answers_as_the_full_check(w: dict) -> None:
+    full = _outcome(_problems, copy.deepcopy(w))
+    assert _outcome(validate_window, w) == full
+    if _surely_valid(w):
+        assert full == []
+
+
+@given(st.lists(st.integers(min_value=1, max_value=10**10), min_size=0, max_size=50),
+       st.booleans(), st.booleans())
+def test_built_windows_take_the_fast_path(ns: list[int], with_mhz: bool, with_spool: bool) -> None:
+    kw: dict = {"cpu_mhz": 1800.0} if with_mhz else {}
+    if with_spool:
+        kw["spool"] = (3, 12.5)
+    w = json.loads(json.dumps(window(latencies_ns=ns, **kw)))
+    assert _surely_valid(w)  # the monitor's common case never runs the full check
+
+
+def test_fast_path_declines_what_it_does_not_know() -> None:
+    w = json.loads(json.dumps(window()))
+    assert _surely_valid(w)
+    for mutate in (lambda d: d.update(seq=True), lambda d: d["latency_ms"].update(max=4),
+                   lambda d: d.update(extra=1), lambda d: d.pop("fps"), lambda d: d.update(spool_depth=None),
+                   lambda d: d.update(temp_c=float("inf")), lambda d: d["model"].update(name=None)):
+        d = copy.deepcopy(w)
+        mutate(d)
+        assert not _surely_valid(d)
+    # an integer latency is valid, but left to the full check (p90 + 1e-9 overflows for huge integers)
+    d = copy.deepcopy(w)
+    d["latency_ms"]["max"] = 4
+    assert validate_window(d) == []

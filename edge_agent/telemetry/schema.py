@@ -133,8 +133,114 @@ def _opt_num(d: dict, key: str, problems: list[str], where: str = "") -> None:
         problems.append(f"{where}{key}: expected a number or null, got {d[key]!r}")
 
 
+_FIELDS_SET = frozenset(FIELDS)
+_OPT_NUMS = ("fps", "energy_mj_per_inference", "temp_c", "cpu_pct", "rss_mb")  # fields every window has
+_isfinite = math.isfinite
+
+
+def _surely_valid(d: dict) -> bool:
+    """True only for a window ``_problems`` would find nothing wrong with: the monitor's common case, in
+    less than half the time (2.7 vs 6.6 µs). False means "not sure": the full check decides and words them.
+
+    Exact types throughout (``type(x) is str``, not ``isinstance``): anything unusual, a subclass, a bool
+    where a number goes, an integer latency (whose comparison with a float may overflow), takes the full
+    check, so this can only say yes where the full check says yes (tests compare the two on random windows).
+    """
+    keys = d.keys()
+    if d.get("schema") != SCHEMA or not (_FIELDS_SET <= keys <= _ALLOWED):
+        return False
+    dev = d["device"]
+    if type(dev) is not str or not dev:
+        return False
+    for v in (d["seq"], d["count"], d["dropped"]):
+        if type(v) is not int or v < 0:
+            return False
+    ts, te = d["ts_start"], d["ts_end"]
+    t = type(ts)
+    if not (t is int or (t is float and _isfinite(ts))):
+        return False
+    t = type(te)
+    if not (t is int or (t is float and _isfinite(te))) or te < ts:
+        return False
+    degraded = d["degraded"]
+    if type(d["historical"]) is not bool or type(degraded) is not bool:
+        return False
+    v = d["throttled"]
+    if v is not None and type(v) is not bool:
+        return False
+    model = d["model"]
+    if (type(model) is not dict or type(model.get("name")) is not str or type(model.get("version")) is not str
+            or type(model.get("sha256")) is not str):
+        return False
+    if type(d["engine"]) is not str:
+        return False
+    v = d["delegate"]
+    if v is not None and type(v) is not str:
+        return False
+    reason = d["degraded_reason"]
+    if reason is not None and type(reason) is not str:
+        return False
+    if degraded and not reason:
+        return False
+    providers = d["providers"]
+    if type(providers) is not list:
+        return False
+    for v in providers:
+        if type(v) is not str:
+            return False
+    lat = d["latency_ms"]
+    if type(lat) is not dict or lat.keys() != _LATENCY_SET:
+        return False
+    p50, p90, p95, p99, top, mean = lat["p50"], lat["p90"], lat["p95"], lat["p99"], lat["max"], lat["mean"]
+    if d["count"] == 0:
+        if not (p50 is None and p90 is None and p95 is None and p99 is None and top is None and mean is None):
+            return False
+    else:
+        for v in (p50, p90, p95, p99, top, mean):
+            if type(v) is not float or not _isfinite(v) or v < 0:
+                return False
+        if (p50 > p90 + 1e-9 or p90 > p95 + 1e-9 or p95 > p99 + 1e-9 or p99 > top + 1e-9
+                or mean > top + 1e-9):
+            return False
+    for key in _OPT_NUMS:
+        v = d[key]
+        if v is not None:
+            t = type(v)
+            if not (t is float and _isfinite(v)) and t is not int:
+                return False
+    if len(keys) != len(FIELDS):  # optional fields present
+        v = d.get("spool_depth")
+        if v is not None and (type(v) is not int or v < 0):
+            return False
+        if "spool_depth" in d and v is None:
+            return False
+        for key in ("cpu_mhz", "spool_oldest_age_s"):
+            v = d.get(key)
+            if v is not None:
+                t = type(v)
+                if not (t is float and _isfinite(v)) and t is not int:
+                    return False
+    power = d["power_w"]
+    if type(power) is not dict or type(power.get("source")) is not str:
+        return False
+    for key in ("mean", "idle"):
+        v = power.get(key)
+        if v is not None:
+            t = type(v)
+            if not (t is float and _isfinite(v)) and t is not int:
+                return False
+    return True
+
+
 def validate_window(d: Any) -> list[str]:
     """Problems with a telemetry window (empty list: valid). Never raises."""
+    if type(d) is dict and _surely_valid(d):
+        return []
+    return _problems(d)
+
+
+def _problems(d: Any) -> list[str]:
+    """The full check, listing every problem (``validate_window`` without its fast path)."""
     if not isinstance(d, dict):
         return [f"window: expected a JSON object, got {type(d).__name__}"]
     problems: list[str] = []
