@@ -370,7 +370,8 @@ def test_run_sigkilled_during_outage_delivers_spooled_windows_after_restart(
     assert all(validate_window(w) == [] for w in got)
     replayed = [w for w in got if w["seq"] in spooled]
     assert replayed and all(w["historical"] for w in replayed)
-    assert all(w["engine"] == "litert" and w["delegate"] == "xnnpack" and w["count"] > 0 for w in second)
+    assert all(w["engine"] == "litert" and w["delegate"] == "xnnpack" for w in second)
+    assert all(w["count"] > 0 for w in second[:-1])  # the last, cut short by SIGTERM, may hold none
     assert spool_seqs(state) == []  # everything acknowledged
 
 
