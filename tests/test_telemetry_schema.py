@@ -238,3 +238,17 @@ def test_fast_path_declines_what_it_does_not_know() -> None:
     d = copy.deepcopy(w)
     d["latency_ms"]["max"] = 4
     assert validate_window(d) == []
+
+
+@pytest.mark.parametrize("where", ["latency_ms.max", "latency_ms.mean", "fps", "ts_end", "power_w.mean"])
+def test_an_integer_beyond_the_float_range_never_crashes_the_check(where: str) -> None:
+    w = window()
+    first, _, second = where.partition(".")
+    if second:
+        w[first][second] = 10**400
+    else:
+        w[first] = 10**400
+    problems = validate_window(w)  # JSON integers are unbounded; the check must still return
+    assert isinstance(problems, list)
+    if where == "latency_ms.max":  # compared with mean + 1e-9: beyond a float's range, reported
+        assert problems == ["a number is beyond the range of a float"]

@@ -241,6 +241,13 @@ def validate_window(d: Any) -> list[str]:
 
 def _problems(d: Any) -> list[str]:
     """The full check, listing every problem (``validate_window`` without its fast path)."""
+    try:
+        return _all_problems(d)
+    except OverflowError:  # JSON integers are unbounded: 10**400 + 1e-9 cannot be computed
+        return ["a number is beyond the range of a float"]
+
+
+def _all_problems(d: Any) -> list[str]:
     if not isinstance(d, dict):
         return [f"window: expected a JSON object, got {type(d).__name__}"]
     problems: list[str] = []
