@@ -8,8 +8,11 @@ Percentiles use the "linear" method (numpy's default, type 7 of Hyndman & Fan), 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
-import numpy as np
+if TYPE_CHECKING:
+    import numpy as np
+
 
 PERCENTILES = (50.0, 90.0, 95.0, 99.0, 99.9)
 SUMMARY_KEYS = ("p50", "p90", "p95", "p99", "p999", "mean", "std", "max", "min")
@@ -24,6 +27,8 @@ def latency_summary_ms(samples_ns: Sequence[int] | np.ndarray) -> dict[str, floa
 
     An empty sample gives ``None`` for every figure (a window with no inference is not zero latency).
     """
+    import numpy as np  # imported on first use: the host CLI starts faster without it
+
     arr = np.asarray(samples_ns, dtype=np.float64)
     if arr.size == 0:
         return dict.fromkeys(SUMMARY_KEYS)

@@ -10,9 +10,11 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
+if TYPE_CHECKING:
+    import numpy as np
+
 
 from edge_agent.stats import latency_summary_ms
 
@@ -69,6 +71,8 @@ def build_window(*, device: str, seq: int, ts_start: float, ts_end: float, model
     fields ``spool_depth``, ``spool_oldest_age_s``, placed after ``dropped``) is (windows waiting in the
     durable spool, age in s of the oldest or None) when the agent spools telemetry.
     """
+    import numpy as np  # imported on first use: the host CLI starts faster without it
+
     lat = np.asarray(latencies_ns, dtype=np.int64)  # a list, numpy array or array('q') (no copy)
     count = int(lat.size)
     summary = latency_summary_ms(lat)
