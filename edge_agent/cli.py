@@ -145,12 +145,12 @@ def _build_parser() -> argparse.ArgumentParser:
     r.add_argument("--device-id", help="device id in topics and windows (default: the host name)")
     r.add_argument("--state-dir", help="folder that keeps the model store (models/), the window sequence number "
                    "across restarts, the idle baseline (idle_power.json) and, with --mqtt, the durable telemetry "
-                   "spool (spool.db); required without --bundle")
+                   "spool (spool.db); without --bundle default /var/lib/edge-agent (the service's)")
     d = r.add_argument_group("deployment (model store mode: no --bundle)")
     d.add_argument("--inbox", action="append", default=[], metavar="DIR",
                    help="folder watched for new *.edgebundle files; repeatable. The first is where `edgekit push "
                    "ssh://…` lands (files there are removed after activation, with a <file>.result.json left "
-                   "beside); others, e.g. a USB stick's mount point, are only read")
+                   "beside); others, e.g. a USB stick's mount point, are only read (default: <state-dir>/inbox)")
     d.add_argument("--group", action="append", default=[], metavar="NAME",
                    help="also take bundles pushed to the MQTT group NAME (edgekit/group/NAME/deploy); repeatable")
     d.add_argument("--keep", type=int, default=3, help="model versions kept in the store (default 3)")

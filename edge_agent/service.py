@@ -50,6 +50,7 @@ DEFAULT_KEY_PATHS: tuple[Path, ...] = (
 )
 SLICE_S = 0.1  # longest stretch of inferences between two looks at the stop flag
 RUN_WARMUP = 10  # inferences run (and not counted) before the first window
+DEFAULT_STATE_DIR = "/var/lib/edge-agent"
 HEALTH_N = 50  # inferences a new model must run without error after the switch before it is committed
 SEQ_FILE = "seq"
 SPOOL_MAX_BYTES = 64 * 2**20  # default bound of the telemetry spool (about 100,000 windows)
@@ -333,10 +334,13 @@ def run_agent(bundle_path: str | os.PathLike | None, pubkey: str | os.PathLike |
         check_topic_part(topic_prefix, "topic prefix")
         for g in groups:
             check_topic_part(g, "group name")
+    if bundle_path is None:
+        pubkey = resolve_pubkey(pubkey)  # before any folder is made: the store never runs without a key
     if bundle_path is None and state_dir is None:
-        raise InputError("without --bundle the agent serves the model store in its state folder, and none was "
-                         "given", hint="pass --state-dir DIR (the service uses /var/lib/edge-agent), or --bundle "
-                         "FILE to run one bundle without the store")
+        state_dir = DEFAULT_STATE_DIR  # the service's state folder (the unit's StateDirectory=edge-agent)
+        log.info("no --state-dir: serving the model store in %s", state_dir)
+    if bundle_path is None and not inboxes:
+        inboxes = [Path(state_dir) / "inbox"]  # where `edgekit push ssh://host` lands by default
     if bundle_path is not None and (inboxes or groups):
         raise InputError("--inbox and --group deliver bundles to the model store, which --bundle bypasses",
                          hint="drop --bundle: the agent then serves the store's active version and takes new ones")
@@ -346,7 +350,9 @@ def run_agent(bundle_path: str | os.PathLike | None, pubkey: str | os.PathLike |
         try:
             state.mkdir(parents=True, exist_ok=True)
         except OSError as e:
-            raise InputError(f"cannot create the state folder {state}: {e.strerror}") from e
+            raise InputError(f"cannot create the state folder {state}: {e.strerror}",
+                             hint="pass --state-dir DIR to a folder this user may write (the service's is "
+                                  f"{DEFAULT_STATE_DIR}, made by `edge-agent install-service`)") from e
     spool: Spool | None = None
     if sink is None and mqtt is not None and state is not None:
         spool = _open_spool(state, spool_max_bytes, spool_max_age_s)
@@ -548,7 +554,8 @@ class _Agent:
         log.warning("the model store in %s holds no model that loads: waiting for a bundle (inbox %s, MQTT "
                     "deploy topic)", self.state, ", ".join(map(str, self.inboxes)) or "none")
         self.notifier.ready("no model yet: waiting for a bundle")
-        while not self.stop.is_set():
+        until = time.monotonic() + self.duration if self.duration is not None else float("inf")
+        while not self.stop.is_set() and time.monotonic() < until:
             self.notifier.watchdog()
             self._maybe_reload()
             cand = activator.take()

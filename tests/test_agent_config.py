@@ -327,6 +327,7 @@ def test_run_mqtt_settings_and_prefix_from_the_config(bundle: tuple[Path, Path],
                                                       broker: Mosquitto) -> None:  # noqa: F811
     path, pub = bundle
     cfg = write(tmp_path, f'device_id = "cfg-1"\npubkey = "{pub}"\nwindow_s = 0.3\npower = "none"\n'
+                          f'state_dir = "{tmp_path / "state"}"\n'
                           f'[mqtt]\nhost = "{broker.host}"\nport = {broker.port}\nprefix = "fleet7"\n')
     sub = Collector(broker.host, broker.port, "fleet7/cfg-1/#")
     p = subprocess.Popen([*AGENT, "run", "--config", str(cfg), "--bundle", str(path), "--json"],

@@ -223,14 +223,8 @@ def test_tool_without_qemu_says_what_to_install(tmp_path: Path) -> None:
 
 
 def _doctor_command(arm64: Arm64) -> list[str | Path]:
-    """``edge-agent doctor`` when the CLI has it, else the module's own entry point (checked on the host)."""
-    host = subprocess.run([sys.executable, "-m", "edge_agent.cli", "doctor", "--help"], capture_output=True,
-                          text=True, cwd=ROOT)
-    if host.returncode == 0:
-        return [arm64.bin("edge-agent"), "doctor"]
-    if (ROOT / "edge_agent" / "doctor.py").is_file():
-        return [arm64.python, "-m", "edge_agent.doctor"]
-    pytest.skip("edge-agent doctor is not in this checkout yet (issue 7)")
+    """The installed ``edge-agent doctor`` console script of the emulated venv."""
+    return [arm64.bin("edge-agent"), "doctor"]
 
 
 def test_doctor_rpi5_reports_what_emulation_lacks_without_crashing(

@@ -138,15 +138,32 @@ def test_restart_serves_the_active_version_and_usb_inbox_is_read_only(tmp_path: 
         agent.stop()
 
 
-def test_store_mode_needs_a_state_dir_and_bundle_mode_refuses_inboxes(tmp_path: Path,
-                                                                        keypair: tuple[Path, Path]) -> None:
+def test_store_mode_defaults_to_the_service_folder_and_bundle_mode_refuses_inboxes(
+        tmp_path: Path, keypair: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch) -> None:
     import subprocess
     import sys
 
+    from edge_agent import service
+
     _, pub = keypair
-    out = subprocess.run([sys.executable, "-m", "edge_agent.cli", "run", "--pubkey", str(pub), "--power", "none"],
-                         capture_output=True, text=True, timeout=60)
-    assert out.returncode == 2 and "--state-dir" in out.stderr
+    monkeypatch.setattr(service, "DEFAULT_STATE_DIR", str(tmp_path / "var-lib-edge-agent"))
+    # no --state-dir, an empty store: the service's folder is used; the agent waits for a bundle until
+    # --duration ends
+    assert service.run_agent(None, pub, duration=0.5, hardware=service.DeviceOptions(power="none")) == 0
+    assert (tmp_path / "var-lib-edge-agent" / "models").is_dir()
     out = subprocess.run([sys.executable, "-m", "edge_agent.cli", "run", "--bundle", "x.edgebundle", "--inbox",
                           str(tmp_path), "--power", "none"], capture_output=True, text=True, timeout=60)
     assert out.returncode == 2 and "--inbox" in out.stderr
+
+
+def test_the_default_inbox_is_in_the_state_folder(tmp_path: Path, versions: dict[str, Path],
+                                                  keypair: tuple[Path, Path]) -> None:
+    _, pub = keypair
+    state = tmp_path / "state"
+    agent = AgentProc("--state-dir", str(state), "--pubkey", str(pub), "--window", "0.2")
+    try:
+        res = result_of(state / "inbox", drop_into(state / "inbox", versions["v1"]).name)
+        assert res["result"] == "activated", res
+        agent.wait_version("1.0.0")
+    finally:
+        assert agent.stop() == 0, agent.log[-3000:]
