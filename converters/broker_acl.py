@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from edge_agent.errors import InputError
+from edge_agent.fsutil import fsync_dir as _fsync_dir
 
 DEFAULT_PREFIX = "edgekit"
 DEFAULT_HOST_USER = "edgekit-host"
@@ -209,13 +210,6 @@ class BrokerFiles:
         return {"acl": str(self.acl), "passwd": str(self.passwd),
                 "accounts": [a.to_dict() for a in self.accounts], "other_accounts": self.other_accounts}
 
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def atomic_write(path: Path, data: bytes, mode: int = 0o600) -> None:

@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from edge_agent.errors import CalibrationError, EdgekitError, InputError, ModelError
+from edge_agent.fsutil import fsync_dir as _fsync_dir
 from edge_agent.profiles import Profile
 
 log = logging.getLogger(__name__)
@@ -185,13 +186,6 @@ def cache_key(model: Path, calib: str | None, profile: Profile, options: dict[st
 # --------------------------------------------------------------------------------------------------
 # the cache
 
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class DeployCache:

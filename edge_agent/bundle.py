@@ -30,6 +30,7 @@ import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from edge_agent.errors import BundleError
+from edge_agent.fsutil import fsync_dir as _fsync_dir
 from edge_agent.manifest import RESERVED, Manifest, TensorSpec, check_member_name, parse_manifest
 from edge_agent.signing import fingerprint, load_public_key, verify
 
@@ -365,13 +366,6 @@ def verify_bundle(path: Path | str, public_key: Path | str | Ed25519PublicKey,
     assert reader.manifest is not None
     return VerifiedBundle(Path(path), reader.manifest, fingerprint(key))
 
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def unpack_bundle(path: Path | str, dest: Path | str, public_key: Path | str | Ed25519PublicKey,

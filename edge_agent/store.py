@@ -42,6 +42,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from edge_agent.bundle import MANIFEST_NAME, SIGNATURE_NAME, UnpackedBundle, unpack_bundle
 from edge_agent.errors import BundleError, EdgekitError, InputError, KeyFileError, ModelStoreError
+from edge_agent.fsutil import fsync_dir as _fsync_dir
 from edge_agent.manifest import Manifest, parse_manifest
 from edge_agent.signing import fingerprint, load_public_key, verify
 
@@ -112,13 +113,6 @@ def slot_id(manifest: Manifest, bundle_sha256: str) -> str:
     version = _UNSAFE.sub("_", manifest.version)[:64]
     return f"{name}-{version}-{bundle_sha256[:12]}"
 
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _write_json(path: Path, data: Any) -> None:

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from edge_agent.errors import InputError, TransferError
+from edge_agent.fsutil import fsync_dir as _fsync_dir
 
 log = logging.getLogger(__name__)
 
@@ -271,13 +272,6 @@ class _State:
             raise ValueError("the chunk bitmap does not match the chunk count")
         return cls(fields, bitmap, float(d["started"]))
 
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class Receiver:
