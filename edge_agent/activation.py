@@ -263,7 +263,7 @@ class Activator:
             if self._interrupted_before(job):
                 return
             try:
-                job.slot = self.store.stage(job.path, source=job.source)
+                job.slot = self.store.stage(job.path, source=job.source, sha256=job.sha256)
             except BundleError as e:
                 self.finish(job, "rejected", reason=e.reason, message=e.message, hint=e.hint)
                 return

@@ -760,8 +760,8 @@ class _Agent:
             win_end = min(start + int(self.window_s * 1e9), run_end)
             now = start
             while now < win_end and not self.stop.is_set():
-                # while an activation is under way, look for its model five times as often
-                step = slice_ns if activator is None or activator.idle.is_set() else slice_ns // 5
+                # while an activation is under way, look for its model twenty times as often (every 5 ms)
+                step = slice_ns if activator is None or activator.idle.is_set() else slice_ns // 20
                 try:
                     _, now = timed_loop(run, next_feeds, lat, min(win_end, now + step), _NEVER)
                 except SourceEnded as e:  # end of a finite source, or stopped while reconnecting;

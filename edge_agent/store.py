@@ -288,15 +288,16 @@ class ModelStore:
 
     # ------------------------------------------------------------------------------ activation steps
 
-    def stage(self, bundle_path: str | os.PathLike[str], *, source: str) -> Slot:
+    def stage(self, bundle_path: str | os.PathLike[str], *, source: str, sha256: str | None = None) -> Slot:
         """Verify a bundle and unpack it into a new slot (or reuse the same slot when it still verifies).
 
         Starts the activation (journal). A bundle that fails verification is recorded as ``rejected``
-        with its ``BundleError`` reason, the journal is removed and the error raised.
+        with its ``BundleError`` reason, the journal is removed and the error raised. ``sha256``: the
+        bundle file's, when the caller has just computed it (it names the slot; members are verified anyway).
         """
         bundle = Path(bundle_path)
         key = self._pinned()
-        sha = _sha256_file(bundle)
+        sha = sha256 or _sha256_file(bundle)
         with self._locked():
             current = self.journal()
             if current is not None:

@@ -3,7 +3,7 @@
 Their ``~/.ssh/config``, keys, agent and jump hosts all apply. One ssh session runs one POSIX ``sh``
 script (``remote_script``) that creates the inbox, streams stdin to ``<inbox>/.<name>.part``, checks the
 byte count, removes a stale ``<name>.result.json``, renames the part to ``<inbox>/<name>`` (atomic on one
-file system) and, when waiting, polls every 0.02 s for ``<inbox>/<name>.result.json`` (written by the agent
+file system) and, when waiting, polls every 0.01 s for ``<inbox>/<name>.result.json`` (written by the agent
 with temp + rename) and prints it. ssh runs with ``BatchMode=yes`` (never a password prompt), a connect
 timeout and server keep-alives, so an unreachable device fails instead of hanging.
 """
@@ -32,7 +32,7 @@ from converters.push import (
 from edge_agent.errors import InputError, PushError
 
 _BLOCK = 1 << 20
-_POLL_S = 0.02
+_POLL_S = 0.01
 PUSHED, TIMEOUT, RESULT = "EDGEKIT-PUSHED", "EDGEKIT-TIMEOUT", "EDGEKIT-RESULT"
 EXIT_SSH = 255  # ssh's own failures: unreachable, refused, authentication, host key
 EXIT_WRITE = 3  # the inbox cannot be created or written
