@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import queue
+import select
 import threading
 import time
 from array import array
@@ -120,12 +121,13 @@ class Activator:
     """The activation pipeline up to the switch, in its own thread (see module docstring)."""
 
     def __init__(self, store: ModelStore, *, emit: Emit, inboxes: list[Path] | None = None,
-                 threads: int | None = None, poll_s: float = 0.02) -> None:
+                 threads: int | None = None, poll_s: float = 0.02, rescan_s: float = 1.0) -> None:
         self.store = store
         self.emit = emit
         self.inboxes = [Path(p) for p in inboxes or []]
         self.threads = threads
-        self.poll_s = poll_s
+        self.poll_s = poll_s  # how often the inboxes are looked at without inotify
+        self.rescan_s = rescan_s  # with inotify: a full look this often anyway (a folder that appeared)
         self._jobs: queue.Queue[Job] = queue.Queue()
         self._ready: queue.Queue[Candidate] = queue.Queue(maxsize=1)
         self._verdict = threading.Event()  # set by the serving loop when the candidate was dealt with
@@ -134,12 +136,24 @@ class Activator:
         self._busy: set[str] = set()  # bundle sha256s queued or being activated
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
+        self._watch: Any = None  # inotify.FolderWatch on the inboxes, or None: poll them
+        self._wake_r, self._wake_w = os.pipe()  # submit() wakes the thread waiting on the inboxes
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
         self.idle = threading.Event()  # no job queued or running (for tests and tools)
         self.idle.set()
 
     # ---------------------------------------------------------------------------------- control
 
     def start(self) -> Activator:
+        from edge_agent.inotify import FolderWatch
+
+        if self.inboxes:
+            try:  # the agent's own inbox (where ssh pushes land); the others (USB sticks) come and go
+                self.inboxes[0].mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                log.warning("cannot create the inbox %s: %s", self.inboxes[0], e.strerror)
+            self._watch = FolderWatch.create()
         self._thread = threading.Thread(target=self._loop, name="edge-agent-activator", daemon=True)
         self._thread.start()
         return self
@@ -147,8 +161,13 @@ class Activator:
     def close(self) -> None:
         self._stop.set()
         self._verdict.set()
+        self._wake()
         if self._thread is not None:
             self._thread.join(timeout=10.0)
+        if self._watch is not None:
+            self._watch.close()
+        for fd in (self._wake_r, self._wake_w):
+            os.close(fd)
         try:
             cand = self._ready.get_nowait()
         except queue.Empty:
@@ -158,6 +177,13 @@ class Activator:
     def submit(self, job: Job) -> None:
         self.idle.clear()
         self._jobs.put(job)
+        self._wake()
+
+    def _wake(self) -> None:
+        try:
+            os.write(self._wake_w, b"x")
+        except (BlockingIOError, OSError):  # already awake (pipe full) or closed
+            pass
 
     @property
     def ready(self) -> bool:
@@ -182,11 +208,12 @@ class Activator:
     def _loop(self) -> None:
         while not self._stop.is_set():
             try:
-                job = self._jobs.get(timeout=self.poll_s)
+                job = self._jobs.get_nowait()
             except queue.Empty:
+                self.idle.set()
+                self._wait_for_news()
                 if self._jobs.empty():
-                    self.idle.set()
-                self._scan_inboxes()
+                    self._scan_inboxes()
                 continue
             try:
                 self._run(job)
@@ -194,6 +221,30 @@ class Activator:
                 log.exception("activating %s failed unexpectedly; the current model keeps serving", job.path)
                 self.finish(job, "rolled_back", reason="internal_error", stage="smoke",
                             message="unexpected error in the activator (see the agent's log)")
+
+    def _wait_for_news(self) -> None:
+        """Sleep until a job is submitted, a file lands in a watched inbox, or it is time to look anyway."""
+        watch = self._watch
+        if watch is not None:
+            watch.forget_missing()
+            for folder in self.inboxes:
+                watch.add(folder)
+        fds = [self._wake_r] if watch is None else [self._wake_r, watch.fileno()]
+        # the agent's own inbox watched: look at the others (a USB stick that may appear) once a second
+        timeout = self.rescan_s if watch is not None and self.inboxes and self.inboxes[0] in watch.folders \
+            else self.poll_s
+        try:
+            ready, _, _ = select.select(fds, [], [], timeout)
+        except (OSError, ValueError):  # closed while stopping
+            return
+        if self._wake_r in ready:
+            try:
+                while os.read(self._wake_r, 4096):
+                    pass
+            except (BlockingIOError, OSError):
+                pass
+        if watch is not None and watch.fileno() in ready:
+            watch.drain()
 
     def _scan_inboxes(self) -> None:
         for i, inbox in enumerate(self.inboxes):
