@@ -159,6 +159,9 @@ def _print_results(bundle: Path, results: list[Any], extra: dict[str, Any] | Non
                       str(what)[:80])
     console = Console(stderr=False)
     console.print(table)
+    for r in results:  # the whole message (and hint) of what did not go well, below the table
+        if not r.ok and r.message:
+            console.print(f"{r.target}: {r.message}", markup=False, highlight=False)
     for key, value in (extra or {}).items():
         console.print(f"{key}: {value}", markup=False, highlight=False)
 
