@@ -597,9 +597,10 @@ FORBIDDEN_ATTRS = {"extractall", "extract", "unsafe_load", "full_load", "spec_fr
                    "load_module", "SourceFileLoader"}
 FORBIDDEN_OS = {"system", "popen", "startfile", "execv", "execve", "execvp", "execl", "spawnv", "spawnl"}
 NATIVE_LOADERS = {"CDLL", "PyDLL", "LoadLibrary", "load_delegate", "register_custom_ops_library"}
-# where native code is loaded today; a new site must be reviewed (see docs/security.md, "the one exception")
+# where native code is loaded today; a new site must be reviewed (see docs/security.md, "Native libraries")
 NATIVE_SITES = {("edge_agent/backends/tflite.py", "_load_delegate"),  # manifest.runtime.delegates
-                ("edge_agent/doctor.py", "_litert_delegate")}  # the device's own profile (edge-agent doctor)
+                ("edge_agent/doctor.py", "_litert_delegate"),  # the device's own profile (edge-agent doctor)
+                ("edge_agent/inotify.py", "create")}  # the C library itself (inotify), never a bundle's path
 
 
 def _sources() -> list[Path]:
