@@ -82,7 +82,7 @@ class Sshd:
             f"AllowUsers {self.user}\n"
             f"PidFile {self.workdir / 'sshd.pid'}\n"
             "LogLevel VERBOSE\n"
-            "Subsystem sftp /usr/lib/openssh/sftp-server\n"  # as Debian ships it: scp (SFTP since OpenSSH 9) needs it
+            "Subsystem sftp /usr/lib/openssh/sftp-server\n"  # as Debian ships it; scp (SFTP) needs it
         )
         if os.geteuid() == 0 and not _PRIVSEP_DIR.is_dir():
             _PRIVSEP_DIR.mkdir(mode=0o755, parents=True)

@@ -172,7 +172,7 @@ def test_signal_offline_emits_last_partial_window(bundles: dict[str, Path], sig:
                           "--window", "600", "--json", *NO_POWER], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                          text=True, cwd=ROOT)
     try:
-        _wait_for_stderr(p, "edge_agent.service: running mlp 1.0.0")
+        _wait_for_stderr(p, "edge_agent.agent: running mlp 1.0.0")
         p.send_signal(sig)
         out, err = p.communicate(timeout=30)
     finally:
