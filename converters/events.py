@@ -95,10 +95,7 @@ class EventWaiter:
         self.client_id = client_id or f"edgekit-host-{uuid.uuid4().hex[:12]}"
         client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=self.client_id, protocol=proto)
         client.connect_timeout = connect_timeout
-        if settings.username is not None:
-            client.username_pw_set(settings.username, settings.password)
-        if settings.tls is not None:
-            settings.tls.apply(client)
+        settings.apply(client)
         client.on_connect = self._on_connect
         client.on_subscribe = self._on_subscribe
         client.on_disconnect = self._on_disconnect

@@ -63,10 +63,7 @@ class _Session:
                              reconnect_on_failure=False)
         client.connect_timeout = owner.connect_timeout
         client.max_inflight_messages_set(owner.max_inflight)
-        if s.username is not None:
-            client.username_pw_set(s.username, s.password)
-        if s.tls is not None:
-            s.tls.apply(client)
+        s.apply(client)
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_publish = self._on_publish

@@ -92,6 +92,13 @@ class MqttSettings:
     def kwargs(self) -> dict[str, Any]:
         return {"protocol": self.protocol, "username": self.username, "password": self.password, "tls": self.tls}
 
+    def apply(self, client: Any) -> None:
+        """Set the user name/password and TLS of these settings on a paho client."""
+        if self.username is not None:
+            client.username_pw_set(self.username, self.password)
+        if self.tls is not None:
+            self.tls.apply(client)
+
 
 # CONNACK reason codes that mean "the broker refuses us" (MQTT 5 reason codes / MQTT 3.1.1 return codes)
 _REFUSAL_HINTS = {
